@@ -1,0 +1,1 @@
+"""Model-agnostic Bridge: Student latents into the Teacher space (DESIGN.md §2)."""

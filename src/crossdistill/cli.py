@@ -1,0 +1,55 @@
+"""The ``crossdistill`` command line: one subcommand per job, each living beside the code it drives.
+
+Each entry of :data:`COMMANDS` names a module that defines ``configure(parser)`` and ``run(args) -> int``.
+Modules are imported lazily so ``crossdistill --help`` stays fast and one broken extra cannot hide the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from crossdistill import __version__
+from crossdistill.errors import CrossDistillError
+
+# name -> (module, one-line help). Order is the order shown in --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("crossdistill.models.cli", "list model families and inspect a model folder"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossdistill",
+        description="Distil a Teacher from another latent space (SD3.5, FLUX, SDXL) into a one-step Student "
+        "(SD 1.5) through the Bridge of Cross-Space Distillation.",
+    )
+    parser.add_argument("--version", action="version", version=f"crossdistill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except CrossDistillError as err:
+        # A problem the user can fix: one clear line, no traceback.
+        print(f"crossdistill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

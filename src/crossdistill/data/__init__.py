@@ -1,0 +1,1 @@
+"""Datasets: the emoji world, image folders, prompt sets."""

@@ -1,0 +1,1 @@
+"""Export to a standard diffusers one-step pipeline, and generation from it."""

@@ -1,0 +1,1 @@
+"""Losses: small functions returning (loss, logs)."""

@@ -1,0 +1,1 @@
+"""The emoji world: small real models that ship with the project."""

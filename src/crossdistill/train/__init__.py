@@ -1,0 +1,1 @@
+"""Training jobs and their machinery (checkpoints, seeding, stats)."""
