@@ -1,0 +1,182 @@
+"""The one-step Student's inference fast path: noise + prompt embeddings → images, as fast as the GPU allows.
+
+A one-step Student (DESIGN.md §3) is one UNet call at the conditioning timestep, the x0 formula, and one VAE
+decode. At 512 px batch 1 the arithmetic is ~3.3 TFLOP (~4 ms on an H100), but eager diffusers spends ~50 ms,
+most of it launching ~2000 small kernels from Python and running GroupNorm/SiLU/adds as separate passes over
+memory. The options below remove those costs one at a time (docs/performance.md has the measured effect of each):
+
+- ``compile``: ``torch.compile`` of the *whole* step (UNet, x0 formula, decode) fuses the elementwise and
+  normalisation passes into neighbouring kernels;
+- ``cuda_graphs``: one manually captured CUDA graph per input shape, replayed from static input buffers, so a
+  call costs one launch instead of thousands (the step has no data-dependent control flow, so this is exact);
+- ``channels_last``: NHWC weights and activations, the layout cuDNN's tensor-core convolutions want;
+- ``dtype``: bf16 or fp16 weights; the x0 formula itself always runs in float32 (it divides by sqrt(ᾱ) ≈ 0.07
+  at t = 999, which would amplify half-precision rounding of the UNet's output ~15×).
+
+On a CPU only ``dtype`` and ``channels_last`` apply; the result equals the plain eager path.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from crossdistill.errors import ConfigError
+
+# SD 1.5's DDPM schedule ("scaled_linear", β from 0.00085 to 0.012 over 1000 steps); its ᾱ at t = 999 is ≈ 0.00466.
+SD15_BETA_START, SD15_BETA_END, SD15_NUM_TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
+SD15_SCALE = 0.18215
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def scaled_linear_alpha_bar(
+    timestep: int,
+    beta_start: float = SD15_BETA_START,
+    beta_end: float = SD15_BETA_END,
+    num_train_timesteps: int = SD15_NUM_TRAIN_TIMESTEPS,
+) -> float:
+    """ᾱ_t of diffusers' ``scaled_linear`` DDPM schedule (SD 1.x / 2.x), computed in float64."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return float(torch.cumprod(1.0 - betas, dim=0)[timestep])
+
+
+@dataclass(kw_only=True)
+class FastPathOptions:
+    """How the one-step path runs. Defaults are the fastest measured combination on an H100."""
+
+    dtype: str = "bfloat16"  # weights and activations: float32 | bfloat16 | float16
+    channels_last: bool = True  # NHWC memory format for the UNet and VAE (cuDNN tensor-core convs)
+    compile: str | None = "default"  # torch.compile mode of the whole step (COMPILE_MODES), or None for eager; CUDA
+    cuda_graphs: bool = True  # capture one CUDA graph per input shape and replay it; CUDA only
+    cudnn_benchmark: bool = True  # let cuDNN time its conv algorithms once per shape (sets a global torch flag)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"fast path dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ConfigError(f"fast path compile mode must be one of {COMPILE_MODES} or None, got {self.compile!r}")
+        if self.cuda_graphs and self.compile in ("reduce-overhead", "max-autotune"):
+            # Those modes already capture CUDA graphs (cudagraph trees); capturing them again inside ours fails.
+            raise ConfigError(f"compile mode {self.compile!r} captures its own CUDA graphs: set cuda_graphs=False")
+
+
+class OneStepRunner:
+    """Noise ``[B, 4, h, w]`` + prompt embeddings ``[B, L, D]`` → images ``[B, 3, 8h, 8w]`` in ``[-1, 1]``.
+
+    ``images = clamp(vae.decode(x0 / scale + shift))`` with ``x0`` the UNet's x0-prediction at ``timestep`` from the
+    input ``z = noise`` (the one-step generator convention of DMD2): ``x0 = (z − √(1−ᾱ)·ε̂) / √ᾱ`` for
+    ``prediction_type="epsilon"``, ``x0 = √ᾱ·z − √(1−ᾱ)·v̂`` for ``"v_prediction"``, the UNet's output itself
+    for ``"sample"``.
+
+    The runner takes the modules over: it moves them to ``device``/``dtype``/memory format, sets eval mode and
+    freezes them. Outputs are float32 and never alias the runner's internal buffers.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        *,
+        scale: float = SD15_SCALE,
+        shift: float = 0.0,
+        timestep: int = 999,
+        alpha_bar: float | None = None,
+        prediction_type: str = "epsilon",
+        options: FastPathOptions | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ConfigError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
+        self.options = options or FastPathOptions()
+        self.device = torch.device(device) if device is not None else next(unet.parameters()).device
+        self.dtype = DTYPES[self.options.dtype]
+        self.prediction_type = prediction_type
+        self.scale, self.shift = float(scale), float(shift)
+        ab = scaled_linear_alpha_bar(timestep) if alpha_bar is None else float(alpha_bar)
+        self.sqrt_ab, self.sqrt_1m_ab = math.sqrt(ab), math.sqrt(1.0 - ab)
+
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = self.options.cuda_graphs and on_cuda
+        compile_mode = self.options.compile if on_cuda else None
+        cuda_only = (("compile", self.options.compile), ("cuda_graphs", self.options.cuda_graphs))
+        ignored = [name for name, on in cuda_only if on]
+        if not on_cuda and ignored:
+            warnings.warn(f"fast path on {self.device.type}: {', '.join(ignored)} ignored (CUDA only)", stacklevel=2)
+        if on_cuda and self.options.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+
+        memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
+        self.unet, self.vae = (
+            m.to(device=self.device, dtype=self.dtype, memory_format=memory_format).eval().requires_grad_(False)
+            for m in (unet, vae)
+        )
+        # A device tensor, so the timestep never forces a host→device copy inside a captured graph.
+        self.timestep = torch.full((1,), timestep, device=self.device, dtype=torch.long)
+
+        self._compiled_graphs = compile_mode in ("reduce-overhead", "max-autotune")
+        self._step: Callable[[Tensor, Tensor], Tensor] = self._eager_step
+        if compile_mode is not None:
+            # dynamic=False: each batch size gets its own specialised kernels (a handful of shapes in practice).
+            self._step = torch.compile(self._eager_step, mode=compile_mode, dynamic=False)
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def _eager_step(self, prompt_embeds: Tensor, noise: Tensor) -> Tensor:
+        """The whole one-step computation, written once; every option runs exactly this function."""
+        memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
+        z = noise.to(dtype=self.dtype).contiguous(memory_format=memory_format)
+        t = self.timestep.expand(noise.shape[0])
+        out = self.unet(z, t, encoder_hidden_states=prompt_embeds.to(self.dtype), return_dict=False)[0].float()
+        z32 = noise.float()
+        if self.prediction_type == "epsilon":
+            x0 = (z32 - self.sqrt_1m_ab * out) / self.sqrt_ab
+        elif self.prediction_type == "v_prediction":
+            x0 = self.sqrt_ab * z32 - self.sqrt_1m_ab * out
+        else:
+            x0 = out
+        latents = (x0 / self.scale + self.shift).to(self.dtype).contiguous(memory_format=memory_format)
+        images = self.vae.decode(latents, return_dict=False)[0]
+        return images.float().clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def __call__(self, prompt_embeds: Tensor, noise: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` float32 in ``[-1, 1]`` for one batch."""
+        if prompt_embeds.shape[0] != noise.shape[0]:
+            raise ConfigError(f"prompt embeddings hold {prompt_embeds.shape[0]} rows but noise {noise.shape[0]}")
+        prompt_embeds, noise = prompt_embeds.to(self.device), noise.to(self.device, torch.float32)
+        if not self.use_graphs:
+            if not self._compiled_graphs:
+                return self._step(prompt_embeds, noise)
+            # torch.compile's own CUDA graphs reuse their output memory on the next call: hand out a copy.
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._step(prompt_embeds, noise).clone()
+        key = (tuple(prompt_embeds.shape), prompt_embeds.dtype, tuple(noise.shape))
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(prompt_embeds, noise)
+        graph, static_embeds, static_noise, static_out = self._graphs[key]
+        static_embeds.copy_(prompt_embeds)
+        static_noise.copy_(noise)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, prompt_embeds: Tensor, noise: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]:
+        """Warm up (compiling, autotuning, cuDNN benchmarking) on a side stream, then capture one graph."""
+        static_embeds, static_noise = prompt_embeds.clone(), noise.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            # Several runs: the first compiles, later ones settle lazy inits and cuDNN's algorithm choice.
+            for _ in range(3):
+                self._step(static_embeds, static_noise)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = self._step(static_embeds, static_noise)
+        return graph, static_embeds, static_noise, static_out

@@ -1,0 +1,94 @@
+"""The one-step fast path computes exactly what the plain diffusers calls compute (CPU, tiny random models)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from crossdistill.errors import ConfigError
+from crossdistill.export.fast import FastPathOptions, OneStepRunner, scaled_linear_alpha_bar
+
+CPU_FP32 = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False)
+
+
+def tiny_models(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    return unet.eval(), vae.eval()
+
+
+@torch.no_grad()
+def reference_images(unet, vae, embeds, noise, prediction_type: str, timestep: int = 999) -> torch.Tensor:
+    """Written independently of the runner, with a diffusers scheduler's ᾱ and its own x0 formulas."""
+    ab = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod[timestep]
+    out = unet(noise, timestep, encoder_hidden_states=embeds).sample
+    if prediction_type == "epsilon":
+        x0 = (noise - (1 - ab).sqrt() * out) / ab.sqrt()
+    else:
+        x0 = ab.sqrt() * noise - (1 - ab).sqrt() * out
+    return vae.decode(x0 / 0.18215).sample.clamp(-1, 1)
+
+
+def test_alpha_bar_matches_diffusers_scheduler():
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for t in (0, 500, 999):
+        assert math.isclose(scaled_linear_alpha_bar(t), float(sched.alphas_cumprod[t]), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_runner_equals_eager_diffusers(prediction_type, channels_last):
+    unet, vae = tiny_models()
+    embeds, noise = torch.randn(2, 5, 16), torch.randn(2, 4, 8, 8)
+    expected = reference_images(unet, vae, embeds, noise, prediction_type)
+    options = FastPathOptions(dtype="float32", channels_last=channels_last, compile=None, cuda_graphs=False)
+    runner = OneStepRunner(unet, vae, prediction_type=prediction_type, options=options)
+    images = runner(embeds, noise)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
+    assert (images - expected).abs().max().item() < 1e-5
+    # The image depends on the prompt: a wrong wiring of the embeddings would not change it.
+    assert (runner(torch.randn(2, 5, 16), noise) - images).abs().max().item() > 1e-3
+
+
+def test_cuda_only_options_warn_and_are_ignored_on_cpu():
+    unet, vae = tiny_models()
+    embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
+    options = FastPathOptions(dtype="float32", channels_last=False, compile="default", cuda_graphs=True)
+    with pytest.warns(UserWarning, match="compile, cuda_graphs ignored"):
+        runner = OneStepRunner(unet, vae, options=options)
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
+    assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5
+
+
+def test_bad_options_raise_config_errors():
+    with pytest.raises(ConfigError):
+        FastPathOptions(dtype="int8")
+    with pytest.raises(ConfigError):
+        FastPathOptions(compile="reduce-overhead", cuda_graphs=True)
+    unet, vae = tiny_models()
+    runner = OneStepRunner(unet, vae, options=CPU_FP32)
+    with pytest.raises(ConfigError):
+        runner(torch.randn(2, 5, 16), torch.randn(1, 4, 8, 8))
