@@ -105,8 +105,11 @@ def _hints(cls: type) -> dict[str, Any]:
 # Values: one coercion for JSON values (from_dict) and command-line strings (apply_overrides)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (a JSON value or a command-line string) to the annotated type ``tp``, or raise ConfigError."""
+def _coerce(value: Any, tp: Any, key: str, text: bool = False) -> Any:
+    """Convert ``value`` to the annotated type ``tp``, or raise ConfigError.
+
+    ``text=True`` for command-line strings (``"1e-4"`` may become a float); JSON values must have the right type.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -116,30 +119,32 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"'{key}' is a group of options; set its fields instead (e.g. '{key}.<field>=...')")
         return from_dict(tp, value, _prefix=key + ".")
     if origin in (Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+        if type(None) in args and (value is None or (text and value.strip().lower() in _NONE)):
             return None
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, text)
             except ConfigError:
                 continue  # try the next member of the union
         raise ConfigError(f"'{key}' expects {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         for choice in args:
-            if value == choice or (isinstance(value, str) and not isinstance(choice, str) and value == str(choice)):
+            if value == choice or (text and not isinstance(choice, str) and value == str(choice)):
                 return choice
         raise ConfigError(f"'{key}' must be one of {', '.join(repr(a) for a in args)}; got {value!r}")
     if origin in (list, tuple) or tp in (list, tuple):
-        items = _split_list(value, key, tp)
+        items = _split_list(value, key, tp, text)
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(items) != len(args):
                 raise ConfigError(f"'{key}' expects {len(args)} values ({_type_name(tp)}), got {len(items)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
-        elem = args[0] if args else Any
-        out = [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(items)]
+            elems = list(args)
+        else:
+            elems = [args[0] if args else Any] * len(items)
+        # Items parsed out of a command-line string are text again; items of a JSON list are typed values.
+        out = [_coerce(v, e, f"{key}[{i}]", text and isinstance(v, str)) for i, (v, e) in enumerate(zip(items, elems))]
         return tuple(out) if (origin is tuple or tp is tuple) else out
     if origin is dict or tp is dict:
-        if isinstance(value, str):
+        if text:
             value = _json_or_error(value, key, tp)
         if not isinstance(value, Mapping):
             raise ConfigError(f"'{key}' expects {_type_name(tp)}, got {value!r}")
@@ -148,13 +153,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        if text and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise ConfigError(f"'{key}' expects a bool (true/false), got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str):
+        if text:
             try:
                 return int(value.strip())
             except ValueError:
@@ -163,7 +168,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
+        if text:
             try:
                 return float(value.strip())
             except ValueError:
@@ -176,24 +181,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"'{key}' has a type the config system cannot parse: {_type_name(tp)}")
 
 
-def _split_list(value: Any, key: str, tp: Any) -> list[Any]:
+def _split_list(value: Any, key: str, tp: Any, text: bool) -> list[Any]:
     """A list value: JSON lists pass through; strings are JSON (``[1,2]``), bare ``[a,b]``, or ``a,b``."""
     if isinstance(value, (list, tuple)):
         return list(value)
-    if not isinstance(value, str):
+    if not text:
         raise ConfigError(f"'{key}' expects {_type_name(tp)}, got {value!r}")
-    text = value.strip()
-    if text.startswith("["):
+    s = value.strip()
+    if s.startswith("["):
         try:
-            parsed = json.loads(text)
+            parsed = json.loads(s)
             if isinstance(parsed, list):
                 return parsed
         except json.JSONDecodeError:
             pass  # `[a, b]` with unquoted strings: split by hand below
-        if not text.endswith("]"):
+        if not s.endswith("]"):
             raise ConfigError(f"'{key}' expects {_type_name(tp)} like [1,2], got {value!r}")
-        text = text[1:-1]
-    return [part.strip() for part in text.split(",") if part.strip()]
+        s = s[1:-1]
+    return [part.strip() for part in s.split(",") if part.strip()]
 
 
 def _json_or_error(text: str, key: str, tp: Any) -> Any:
@@ -253,7 +258,7 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
             target = getattr(target, part)
         if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
             raise ConfigError(_unknown_key_message(key, valid))
-        setattr(target, leaf, _coerce(raw, _hints(type(target))[leaf], key))
+        setattr(target, leaf, _coerce(raw, _hints(type(target))[leaf], key, text=True))
     return cfg
 
 
