@@ -168,7 +168,12 @@ class Bridge(ModelMixin, ConfigMixin):
                 f"{path} holds no Bridge ({cls.config_name} missing): pass the folder written by "
                 "`crossdistill bridge train` (its run dir's bridge/ folder)"
             )
-        bridge = cls.from_pretrained(path, use_safetensors=True, **kwargs)
+        config = cls.load_config(path)
+        if config.get("kind") in TRAINABLE_KINDS:
+            bridge = cls.from_pretrained(path, use_safetensors=True, **kwargs)
+        else:
+            # decode_encode / identity have no weights: save_pretrained wrote only the config.
+            bridge = cls.from_config(config, **kwargs)
         return bridge.attach(student, teacher)
 
     def attach(self, student: Space, teacher: Space) -> Bridge:

@@ -84,18 +84,34 @@ def teacher_fidelity(
     generator: torch.Generator | None = None,
     layers: Sequence[str] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Attention fidelity and output fidelity of the frozen Teacher on ``ẑ_t`` vs ``z_t*`` (same τ and ε)."""
-    den = teacher.denoiser
+    """Attention fidelity and output fidelity of the frozen Teacher on ``ẑ_t`` vs ``z_t*`` at a random τ, ε."""
     batch = z_hat.shape[0]
-    t = den.sample_time(batch, generator, weights.t_min, weights.t_max).to(z_hat.device)
+    t = teacher.denoiser.sample_time(batch, generator, weights.t_min, weights.t_max).to(z_hat.device)
     eps = torch.randn(z_star.shape, generator=generator, device=generator.device if generator else "cpu")
-    eps = eps.to(z_hat.device, z_hat.dtype)
+    return teacher_agreement(z_hat, z_star, teacher, cond, t, eps.to(z_hat.device), weights.attn_metric, layers)
+
+
+def teacher_agreement(
+    z_hat: Tensor,
+    z_star: Tensor,
+    teacher: Space,
+    cond: PromptEmbeds,
+    t: Tensor,
+    eps: Tensor,
+    attn_metric: str = "kl",
+    layers: Sequence[str] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(L_attn, L_out)`` with both latents noised by the given ``t: [B]`` and ``eps: [B, C, h, w]``.
+
+    Split from :func:`teacher_fidelity` so diagnostics can measure at fixed τ (``crossdistill bridge report``)."""
+    den = teacher.denoiser
+    eps = eps.to(z_hat.dtype)
     x_ref, x_hat = den.noise(z_star, t, eps), den.noise(z_hat, t, eps)
     with torch.no_grad(), den.capture_attention(layers) as maps_ref:
         raw_ref = den.raw(x_ref, t, cond)
     with den.capture_attention(layers) as maps_hat:
         raw_hat = den.raw(x_hat, t, cond)
-    metric = attention_kl if weights.attn_metric == "kl" else attention_mse
+    metric = attention_kl if attn_metric == "kl" else attention_mse
     loss_attn = metric(maps_ref, maps_hat)
     loss_out = (den.to_x0(raw_hat, x_hat, t).float() - den.to_x0(raw_ref, x_ref, t).float()).pow(2).mean()
     return loss_attn, loss_out
