@@ -12,7 +12,7 @@ from PIL import Image
 from crossdistill.data.emoji import EmojiWorld
 from crossdistill.errors import DataError
 from crossdistill.eval.evaluate import (
-    EmojiReference,
+    EmojiMetrics,
     ImageModel,
     compare_evaluations,
     evaluate,
@@ -146,35 +146,36 @@ def test_compare_refuses_a_folder_without_metrics(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_reference():
+def tiny_metrics():
     world = EmojiWorld(num_emoji=3, styles=["twemoji"])
     torch.manual_seed(0)
     judge = Judge.for_world(world, input_size=16, channels=(8, 16)).eval()
-    return EmojiReference(world, judge)
+    return EmojiMetrics(world, judge, resnet=False)
 
 
-def test_emoji_reference_metrics(tiny_reference):
-    prompts = tiny_reference.world.prompts("all")[:6]
-    scorers = {"judge_features": JudgeFeatures(tiny_reference.judge), "bright": brightness}
-    result, images = evaluate(NoiseImages("fake"), prompts, [0, 1], reference=tiny_reference, scorers=scorers)
+def test_emoji_reference_metrics(tiny_metrics):
+    prompts = tiny_metrics.world.prompts("all")[:6]
+    scorers = {"bright": brightness}
+    result, images = evaluate(NoiseImages("fake"), prompts, [0, 1], metrics=tiny_metrics, scorers=scorers)
     assert result["emoji_metrics"] is True
     keys = {"acc/emoji", "acc/style", "acc/background", "acc/joint", "fd/judge_features", "bright", "latency_ms"}
     assert set(result["summary"]) == keys
     assert result["metric_names"]["fd/judge_features"] == "Fréchet distance on judge features"
     # Values are those of the metric functions on exactly these images and the world's real renders.
-    items = [tiny_reference.world.parse_caption(p) for p in prompts]
-    expected_acc = judge_accuracy(tiny_reference.judge, images[1], items)
+    items = [tiny_metrics.world.parse_caption(p) for p in prompts]
+    expected_acc = judge_accuracy(tiny_metrics.judge, images[1], items)
     assert result["per_seed"]["1"]["acc/joint"] == expected_acc["joint"]
-    real = tiny_reference.real_pixels(prompts)
-    fd = frechet_distance(scorers["judge_features"](images[0], prompts), scorers["judge_features"](real, prompts))
+    real = tiny_metrics.real_pixels(prompts)
+    features = JudgeFeatures(tiny_metrics.judge)
+    fd = frechet_distance(features(images[0], prompts), features(real, prompts))
     assert result["per_seed"]["0"]["fd/judge_features"] == pytest.approx(fd)
-    again, _ = evaluate(NoiseImages("fake"), prompts, [0, 1], reference=tiny_reference, scorers=scorers)
+    again, _ = evaluate(NoiseImages("fake"), prompts, [0, 1], metrics=tiny_metrics, scorers=scorers)
     assert {k: v for k, v in again["summary"].items() if k != "latency_ms"} == {
         k: v for k, v in result["summary"].items() if k != "latency_ms"
     }
     # Real images score a Fréchet distance of ~0 against themselves: the reference is what the model is measured on.
-    real_model = RealImages(tiny_reference)
-    perfect, _ = evaluate(real_model, prompts, [0], reference=tiny_reference, scorers=scorers)
+    real_model = RealImages(tiny_metrics)
+    perfect, _ = evaluate(real_model, prompts, [0], metrics=tiny_metrics, scorers=scorers)
     assert abs(perfect["summary"]["fd/judge_features"]["mean"]) < 1e-6
 
 
@@ -194,8 +195,8 @@ class RealImages(ImageModel):
         return self.reference.real_pixels(prompts)
 
 
-def test_feature_scorers_are_skipped_without_a_reference(tiny_reference):
-    scorers = {"judge_features": JudgeFeatures(tiny_reference.judge), "bright": brightness}
-    result, _ = evaluate(NoiseImages("fake"), PROMPTS, [0], reference=tiny_reference, scorers=scorers)
+def test_feature_scorers_are_skipped_without_a_reference(tiny_metrics):
+    scorers = {"judge_features": JudgeFeatures(tiny_metrics.judge), "bright": brightness}
+    result, _ = evaluate(NoiseImages("fake"), PROMPTS, [0], metrics=tiny_metrics, scorers=scorers)
     assert result["emoji_metrics"] is False
     assert set(result["summary"]) == {"bright", "latency_ms"}

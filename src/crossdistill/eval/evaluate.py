@@ -7,7 +7,7 @@ The pieces, in the order :func:`evaluate` runs them:
   for the same prompt and seed, and a rerun reproduces every image;
 - for each seed, all prompts are generated in batches and timed (wall clock per image, after one untimed warm-up
   batch so one-off costs such as allocator growth do not count);
-- :class:`EmojiReference` holds the world's real renders of the same prompts and the judge: judge accuracy per
+- :class:`EmojiMetrics` holds the world's real renders of the same prompts and the judge: judge accuracy per
   attribute and joint. Prompts that are not emoji-world captions get no reference (a real model on its own prompts);
 - every scorer (the registry of :mod:`crossdistill.eval.metrics`, extensible by entry points or a
   ``--scorer-module``) adds its numbers: the mean of per-image scores, or for a feature scorer the Fréchet distance
@@ -130,20 +130,25 @@ class SpaceModel(ImageModel):
 # Metrics
 
 
-class EmojiReference:
-    """The emoji world as a reference: real renders of the prompts, and judge accuracy against their captions.
+class EmojiMetrics:
+    """The emoji world as a reference: real renders of the prompts, judge accuracy, and its feature scorers.
 
     Args:
         world: the :class:`~crossdistill.data.emoji.EmojiWorld` whose captions the prompts are.
         judge: the world's judge, trained on real images only.
+        resnet: also measure the Fréchet distance on open_nsfw ResNet-50 features (a second or so per hundred
+            images on a CPU; ``False`` skips it).
         resolution: size of the real renders (default: the judge's input size). Generated images keep their own
-            resolution; the judge and feature networks resize whatever they are given.
+            resolution; the judge and the feature networks resize whatever they are given.
     """
 
-    def __init__(self, world, judge, resolution: int | None = None):
+    def __init__(self, world, judge, resnet: bool = True, resolution: int | None = None):
         self.world = world
         self.judge = judge
         self.resolution = int(resolution or judge.config.input_size)
+        self.scorers = {"judge_features": get_scorer("judge_features", judge=judge)}
+        if resnet:
+            self.scorers["nsfw_resnet50"] = get_scorer("nsfw_resnet50")
 
     def applies_to(self, prompts: Sequence[str]) -> bool:
         """Whether every prompt is a caption of this world (otherwise there is no real set to compare with)."""
@@ -165,14 +170,6 @@ class EmojiReference:
         return {f"acc/{k}": float(v) for k, v in judge_accuracy(self.judge, pixels, items).items()}
 
 
-def default_scorers(judge, resnet: bool = True) -> dict[str, Any]:
-    """The emoji world's feature scorers: judge features and (unless ``resnet=False``) open_nsfw ResNet-50."""
-    scorers = {"judge_features": get_scorer("judge_features", judge=judge)}
-    if resnet:
-        scorers["nsfw_resnet50"] = get_scorer("nsfw_resnet50")
-    return scorers
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The evaluation
 
@@ -182,16 +179,17 @@ def evaluate(
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
-    reference: EmojiReference | None = None,
+    metrics: EmojiMetrics | None = None,
     scorers: Mapping[str, Any] | None = None,
     batch_size: int = 32,
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
     """Generate every (prompt, seed) and measure it. Returns ``(result, images)``.
 
-    ``scorers`` follow :class:`crossdistill.eval.metrics.Scorer`: a ``"scores"`` scorer adds the mean of its
-    per-image scores under its key; a ``"features"`` scorer adds ``fd/KEY``, the Fréchet distance between its features
-    of the generated and of the real images (only with a ``reference`` that applies to the prompts).
+    With ``metrics`` that apply to the prompts (emoji-world captions), the judge accuracies are measured and the
+    world's feature scorers join ``scorers``. Scorers follow :class:`crossdistill.eval.metrics.Scorer`: a
+    ``"scores"`` scorer adds the mean of its per-image scores under its key; a ``"features"`` scorer adds ``fd/KEY``,
+    the Fréchet distance between its features of the generated and of the real images (skipped without a real set).
 
     ``result`` (JSON-able): ``model`` (its description), ``num_prompts``, ``seeds``, ``emoji_metrics``,
     ``metric_names`` (key → what it measures), ``per_seed`` (``{seed: {metric: value}}``), ``summary``
@@ -203,8 +201,8 @@ def evaluate(
         raise DataError("the prompt set is empty")
     if not seeds:
         raise ConfigError("evaluate needs at least one seed")
-    scorers = dict(scorers or {})
-    use_reference = reference is not None and reference.applies_to(prompts)
+    use_reference = metrics is not None and metrics.applies_to(prompts)
+    scorers = {**(metrics.scorers if use_reference else {}), **(scorers or {})}
     skipped = [k for k, sc in scorers.items() if sc.kind == "features" and not use_reference]
     if skipped:
         logger.warning("no real reference set for these prompts: skipping feature scorers %s", ", ".join(skipped))
@@ -212,7 +210,7 @@ def evaluate(
     real_features = {}
     if use_reference:
         # The real set is the same for every seed: its features are computed once.
-        real = reference.real_pixels(prompts)
+        real = metrics.real_pixels(prompts)
         real_features = {k: sc(real, prompts) for k, sc in scorers.items() if sc.kind == "features"}
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
 
@@ -235,7 +233,7 @@ def evaluate(
         images[seed] = pixels
         values = {"latency_ms": 1000.0 * seconds / len(prompts)}
         if use_reference:
-            values.update(reference.accuracy(pixels, prompts))
+            values.update(metrics.accuracy(pixels, prompts))
         for key, scorer in scorers.items():
             out = scorer(pixels, prompts)
             if scorer.kind == "features":
@@ -282,7 +280,7 @@ def write_evaluation(
     images: Mapping[int, torch.Tensor],
     prompts: Sequence[str],
     *,
-    reference: EmojiReference | None = None,
+    metrics: EmojiMetrics | None = None,
     run_dir: str | Path | None = None,
 ) -> Path:
     """Write ``metrics.json``, ``report.md``/``report.html``, ``grid.png``, ``samples/`` and (for a run) ``loss.png``.
@@ -301,8 +299,8 @@ def write_evaluation(
     shown = list(range(min(GRID_PROMPTS, len(prompts))))
     rows = [[Image.fromarray(arrays[s][i]) for s in seeds] for i in shown]
     col_labels = [f"seed {s}" for s in seeds]
-    if reference is not None and result.get("emoji_metrics"):
-        real = to_uint8(reference.real_pixels([prompts[i] for i in shown]))
+    if metrics is not None and result.get("emoji_metrics"):
+        real = to_uint8(metrics.real_pixels([prompts[i] for i in shown]))
         rows = [[Image.fromarray(real[r]), *row] for r, row in enumerate(rows)]
         col_labels = ["real", *col_labels]
     image_grid(rows, col_labels=col_labels).save(out / "grid.png")
