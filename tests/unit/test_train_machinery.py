@@ -148,9 +148,18 @@ def test_loop_survives_a_failed_periodic_checkpoint(tmp_path, monkeypatch, caplo
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(tensors, path)
 
+    class OneProcessAccelerator:  # what train_loop uses of accelerate.Accelerator
+        is_main_process, num_processes, device, trackers = True, 1, torch.device("cpu"), []
+        barriers = 0
+
+        def wait_for_everyone(self):
+            self.barriers += 1
+
     monkeypatch.setattr(ckpt_mod, "_write_safetensors", full_disk_at_step_4)
+    accelerator = OneProcessAccelerator()
     with caplog.at_level(logging.ERROR, logger="crossdistill.train.runner"):
-        result = MLPJob().run(tmp_path, max_steps=9)
+        result = MLPJob().run(tmp_path, max_steps=9, accelerator=accelerator)
     assert "No space left on device" in caplog.text and "training continues" in caplog.text
+    assert accelerator.barriers == 3, "the failed save at step 4 still reaches the barrier the other ranks wait at"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000008", "step_000009"]
     assert result.step == 9

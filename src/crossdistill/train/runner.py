@@ -91,10 +91,13 @@ def train_loop(
 
     def save(step: int) -> None:
         nonlocal latest, last_saved
-        if main:
-            latest = ckpt.save(step, objects, {"config_hash": config_hash})
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+        try:
+            if main:
+                latest = ckpt.save(step, objects, {"config_hash": config_hash})
+        finally:
+            # Every process must reach the barrier, also when the main one failed to save (or it would hang).
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
         last_saved = step
 
     cuda = torch.cuda.is_available() and (accelerator is None or accelerator.device.type == "cuda")
