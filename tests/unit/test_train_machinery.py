@@ -163,3 +163,16 @@ def test_loop_survives_a_failed_periodic_checkpoint(tmp_path, monkeypatch, caplo
     assert accelerator.barriers == 3, "the failed save at step 4 still reaches the barrier the other ranks wait at"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000008", "step_000009"]
     assert result.step == 9
+
+
+def test_tracker_kwargs_turn_tensorboard_on_only_when_installed(tmp_path, monkeypatch, caplog):
+    from crossdistill.train import stats as stats_mod
+
+    assert stats_mod.tracker_kwargs(tmp_path, tensorboard=False) == {}
+    monkeypatch.setattr(stats_mod.importlib.util, "find_spec", lambda name: object())
+    on = stats_mod.tracker_kwargs(tmp_path, tensorboard=True)
+    assert on == {"log_with": "tensorboard", "project_dir": str(tmp_path)}
+    monkeypatch.setattr(stats_mod.importlib.util, "find_spec", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="crossdistill.train.stats"):
+        assert stats_mod.tracker_kwargs(tmp_path, tensorboard=True) == {}
+    assert "pip install tensorboard" in caplog.text
