@@ -1,0 +1,610 @@
+"""Cross-space DMD2 (DESIGN.md §3): a one-step Student generator trained against a Teacher in another latent space.
+
+One step of the generator ``G_θ`` (the Student's UNet) turns noise into a Student latent, the Bridge ``B_φ`` carries
+it into the Teacher's space, and there the Teacher (real score, with CFG) and a fake score (a Teacher-space denoiser
+that tracks the generator's own distribution) give the distribution-matching gradient. With the ``identity`` Bridge
+and the Student's own base as Teacher this is plain (shared-space) DMD2, the baseline.
+
+The loop reads top to bottom (edm2 style): resume → for each step: generator update every
+``critic_steps_per_generator_step`` steps, a critic update every step → log → samples → checkpoint. Every random draw
+of a step comes from ``step_generator(seed, rank, step, stream)``, so a resumed run repeats an uninterrupted one.
+Distribution (DDP / FSDP), mixed precision and trackers come from ``accelerate``; nothing here is home-made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from crossdistill.bridge.model import TRAINABLE_KINDS, Bridge
+from crossdistill.config import config_hash, prepare_run_dir, warn_ignored
+from crossdistill.errors import ConfigError, DataError
+from crossdistill.eval.report import tensor_grid
+from crossdistill.losses.bridge import reconstruction_loss
+from crossdistill.losses.dm import (
+    GANHead,
+    capture_features,
+    dm_loss,
+    fake_score_loss,
+    feature_module,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from crossdistill.models.base import Denoiser, PromptEmbeds, Space
+from crossdistill.models.registry import get_family
+from crossdistill.models.registry import load_space as load_space_folder
+from crossdistill.train.guard import NonFiniteGuard
+from crossdistill.train.runner import train_loop
+from crossdistill.train.seeding import derive_seed, seed_everything, step_generator
+from crossdistill.train.stats import tracker_kwargs
+
+logger = logging.getLogger(__name__)
+
+# The attention projections of UNet, MMDiT and FLUX blocks (diffusers names): where the fake score's LoRA goes.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    student_family: str = "sd15"  # registry name of the Student family (the generator's architecture)
+    student_path: str = ""  # Student base: diffusers folder, hub id, "emoji:student" or "tiny:SEED" (tests)
+    teacher_family: str = "sd3"  # registry name of the Teacher family
+    teacher_path: str = ""  # Teacher: diffusers folder, hub id, "emoji:teacher" or "tiny:SEED"
+    bridge_kind: Literal["prior_projector", "projector_only", "decode_encode", "identity"] = "prior_projector"
+    bridge_path: str | None = None  # trained Bridge folder (needed by prior_projector / projector_only)
+    fake_score: Literal["copy", "lora"] = "copy"  # full Teacher copy, or LoRA on the shared Teacher base
+    lora_rank: int = 64  # rank of the fake score's LoRA (fake_score="lora")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 1000  # critic updates; the generator is updated every critic_steps_per_generator_step of them
+    batch_size: int = 4  # per process
+    lr_generator: float = 1e-5  # AdamW learning rate of G_θ (and of B_φ when co-trained)
+    lr_critic: float = 1e-5  # AdamW learning rate of the fake score (and GAN head)
+    weight_decay: float = 0.01  # AdamW weight decay of both optimisers (DMD2's value)
+    critic_steps_per_generator_step: int = 5  # two time-scale update rule (DMD2: 5–10)
+    guidance_scale: float = 1.75  # CFG scale of the real score (FLUX-dev: its guidance embedding value)
+    t_min: float = 0.02  # Teacher times τ drawn for the DM gradient and the fake-score loss
+    t_max: float = 0.98
+    conditioning_t: float = 1.0  # the generator's one time: noise at t=1 (SD 1.5 timestep 999) → x0
+    gan_weight: float = 0.0  # weight of the GAN loss in the generator update (0 = no GAN; DMD2: 1e-3)
+    gan_critic_weight: float = 1e-2  # weight of the discriminator loss in the critic update (with GAN on)
+    ema_decay: float = 0.0  # EMA of the generator (0 = off; e.g. 0.999)
+    cotrain_bridge: bool = False  # train B_φ with the generator, regularised by L_rec on real images
+    bridge_rec_weight: float = 1.0  # λ_rec of the co-trained Bridge
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # accelerate's autocast; frozen models stored in it
+    gradient_checkpointing: bool = False  # recompute activations of the generator and fake score in backward
+    seed: int = 0  # all randomness derives from (seed, rank, step)
+    max_grad_norm: float = 10.0  # gradient clipping of both updates (<= 0: off)
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
+    cpu: bool = False  # run on CPU even when a GPU is present
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (and one at the end)
+    keep: int = 3  # complete checkpoints kept
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    sample_every: int = 500  # steps between sample grids in run_dir/samples/ (<= 0: only at the end)
+    sample_prompts: list[str] = field(default_factory=list)  # fixed prompts of the grids (default: first 8 of data)
+    tensorboard: bool = False  # also log to tensorboard (if installed)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    prompts: str = "emoji:train"  # a text file (one prompt a line) or "emoji:SPLIT"
+    real_images: str | None = None  # GAN / Bridge co-training reals: "emoji:SPLIT" or a folder of images + .txt
+    max_real_images: int = 4096  # cap on the real images encoded up front
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def check_config(cfg: DistillConfig) -> None:
+    """Refuse inconsistent options up front, and warn about options that will be ignored."""
+    m, t = cfg.model, cfg.train
+    if m.bridge_kind in TRAINABLE_KINDS and not m.bridge_path:
+        raise ConfigError(
+            f"bridge kind {m.bridge_kind!r} needs a trained Bridge: --set model.bridge_path=RUN_DIR/bridge "
+            "(from `crossdistill bridge train`), or use decode_encode / identity"
+        )
+    if t.cotrain_bridge and m.bridge_kind not in TRAINABLE_KINDS:
+        raise ConfigError(f"train.cotrain_bridge needs a trainable bridge kind, not {m.bridge_kind!r}")
+    if (t.gan_weight > 0 or t.cotrain_bridge) and not cfg.data.real_images:
+        raise ConfigError("the GAN and Bridge co-training need real images: --set data.real_images=emoji:train")
+    if not 0.0 <= t.t_min < t.t_max <= 1.0:
+        raise ConfigError(f"need 0 <= train.t_min < train.t_max <= 1, got {t.t_min}, {t.t_max}")
+    if t.critic_steps_per_generator_step < 1 or t.batch_size < 1 or t.max_steps < 0:
+        raise ConfigError("train.critic_steps_per_generator_step and train.batch_size must be >= 1")
+    if m.fake_score != "lora":
+        warn_ignored(cfg, "model.lora_rank", "model.fake_score is not 'lora'")
+    if t.gan_weight <= 0:
+        warn_ignored(cfg, "train.gan_critic_weight", "train.gan_weight is 0 (no GAN)")
+    if not t.cotrain_bridge:
+        warn_ignored(cfg, "train.bridge_rec_weight", "train.cotrain_bridge is false")
+
+
+def make_accelerator(cfg: DistillConfig, run_dir: str | Path) -> Accelerator:
+    """The run's accelerator: DDP / FSDP come from ``accelerate launch`` (its config), precision from ``cfg``."""
+    t = cfg.train
+    return Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu, **tracker_kwargs(run_dir, cfg.log.tensorboard))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small pieces
+
+
+class DenoiserCall(nn.Module):
+    """Runs a denoiser method (by name) or a function of the denoiser through ``forward``.
+
+    DDP / FSDP and accelerate's autocast act on ``forward`` only, while the denoiser contract has named methods
+    (``denoise``, ``raw``, ``loss``). Everything one update needs from a wrapped denoiser happens in one call, as DDP
+    expects one forward per backward.
+    """
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, fn, *args, **kwargs):
+        if isinstance(fn, str):
+            return getattr(self.denoiser, fn)(*args, **kwargs)
+        return fn(self.denoiser, *args, **kwargs)
+
+
+class TrainableParams:
+    """``state_dict`` of a module's trainable parameters only (a LoRA fake score saves its adapter, not 12 B)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.params().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        params = self.params()
+        if set(state) != set(params):
+            raise ConfigError(
+                f"checkpoint does not match the model's trainable parameters "
+                f"({len(set(state) ^ set(params))} names differ): was it written with another model config?"
+            )
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+
+
+def add_lora(backbone: nn.Module, rank: int) -> None:
+    """LoRA (peft, through diffusers' adapter API) on the backbone's attention projections; base stays frozen."""
+    from peft import LoraConfig
+
+    names = {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0" for n, _ in backbone.named_modules()}
+    targets = [t for t in LORA_TARGETS if t in names]
+    backbone.requires_grad_(False)
+    backbone.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets), "fake_score"
+    )
+
+
+@contextlib.contextmanager
+def adapters_disabled(backbone: nn.Module) -> Iterator[None]:
+    """The real score inside a LoRA fake score: the shared Teacher base with its adapter switched off."""
+    backbone.disable_adapters()
+    try:
+        yield
+    finally:
+        backbone.enable_adapters()
+
+
+def _randn(shape, gen: torch.Generator) -> Tensor:
+    return torch.randn(shape, generator=gen, device=gen.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where models, prompts and real images come from
+
+
+def load_space(family: str, path: str) -> Space:
+    """A space from a diffusers folder / hub id, ``"emoji:teacher"`` / ``"emoji:student"`` (the shipped world) or
+    ``"tiny:SEED"`` (the family's tiny random space, for tests). Each call loads a fresh, independent copy."""
+    if not path:
+        raise ConfigError(
+            f"no model path for the {family} space: --set model.student_path=... / model.teacher_path=..."
+        )
+    kind, _, arg = path.partition(":")
+    if kind == "tiny":
+        return get_family(family).tiny(seed=int(arg or 0))
+    if kind == "emoji":
+        from crossdistill.toy.world import load_world
+
+        if arg not in ("teacher", "student"):
+            raise ConfigError(f"{path!r}: the emoji world has the spaces 'emoji:teacher' and 'emoji:student'")
+        space = getattr(load_world(), arg)
+        if space.family != family:
+            raise ConfigError(f"{path!r} is a {space.family} space, but the config says family {family!r}")
+        return space
+    return load_space_folder(family, path)
+
+
+def _emoji_world():
+    from crossdistill.data.emoji import EmojiWorld
+    from crossdistill.toy.world import read_manifest
+
+    return EmojiWorld(**read_manifest()["world"])
+
+
+def load_prompts(spec: str) -> list[str]:
+    """Training prompts: ``"emoji:SPLIT"`` (the shipped world's captions) or a text file, one prompt per line."""
+    if not spec:
+        raise DataError("no prompts given: --set data.prompts=FILE (one prompt per line) or data.prompts=emoji:train")
+    if spec.startswith("emoji:"):
+        prompts = _emoji_world().prompts(spec.partition(":")[2])
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"prompt file {path} does not exist (one prompt per line, or use emoji:train)")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"no prompts in {spec!r}")
+    return prompts
+
+
+def load_real_images(spec: str, resolution: int, limit: int) -> tuple[Tensor, list[str]]:
+    """Real images ``[N, 3, R, R]`` in [-1, 1] with their captions: ``"emoji:SPLIT"`` or a folder of images each
+    with a same-named ``.txt`` caption. Unreadable images are skipped and counted."""
+    from PIL import Image, UnidentifiedImageError
+
+    from crossdistill.data.emoji import uint8_to_unit
+
+    if spec.startswith("emoji:"):
+        world = _emoji_world()
+        split = spec.partition(":")[2]
+        pixels, _ = world.tensor_cache(split, resolution)
+        return uint8_to_unit(pixels[:limit]), world.prompts(split)[:limit]
+    folder = Path(spec)
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))[:limit]
+    images, captions, skipped = [], [], 0
+    for f in files:
+        caption = f.with_suffix(".txt")
+        try:
+            image = Image.open(f).convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS)
+        except (OSError, UnidentifiedImageError):
+            skipped += 1
+            continue
+        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+        images.append(uint8_to_unit(array.permute(2, 0, 1)))
+        captions.append(caption.read_text(encoding="utf-8").strip() if caption.is_file() else "")
+    if skipped:
+        logger.warning("skipped %d unreadable images in %s", skipped, folder)
+    if not images:
+        raise DataError(f"no readable images in {folder} (png/jpg/webp, each with a .txt caption)")
+    return torch.stack(images), captions
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class DistillTrainer:
+    """Owns the models, optimisers and caches of one distillation run; :meth:`train` runs the loop.
+
+    Roles: ``generator`` (the Student denoiser, trained, used once at ``conditioning_t``), ``bridge`` (frozen unless
+    co-trained), ``real`` (the Teacher denoiser, frozen, CFG), ``fake`` (Teacher-space fake score: a copy, or the
+    Teacher itself with a LoRA adapter that :meth:`_real_score` switches off).
+    """
+
+    def __init__(self, cfg: DistillConfig, run_dir: str | Path, accelerator: Accelerator | None = None):
+        check_config(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        t = cfg.train
+        self.accelerator = accelerator or make_accelerator(cfg, self.run_dir)
+        acc = self.accelerator
+        if acc.is_main_process:  # config.json beside the run; refuses a run dir that holds another run
+            prepare_run_dir(self.run_dir, cfg)
+        acc.wait_for_everyone()
+        seed_everything(derive_seed(t.seed, acc.process_index))
+        device = acc.device
+        frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.mixed_precision]
+
+        # ---- spaces, Bridge -----------------------------------------------------------------------------------------
+        self.student: Space = load_space(cfg.model.student_family, cfg.model.student_path)
+        self.teacher: Space = load_space(cfg.model.teacher_family, cfg.model.teacher_path)
+        for space in (self.student, self.teacher):
+            space.requires_grad_(False)
+            space.to(device=device, dtype=frozen_dtype)
+        if cfg.model.bridge_kind in TRAINABLE_KINDS:
+            self.bridge = Bridge.load(cfg.model.bridge_path, self.student, self.teacher)
+        else:
+            self.bridge = Bridge.build(cfg.model.bridge_kind, self.student, self.teacher)
+        self.bridge.to(device).requires_grad_(t.cotrain_bridge)
+
+        # ---- prompt caches (both spaces encode the same text with their own encoders) -------------------------------
+        self.prompts = load_prompts(cfg.data.prompts)
+        self.sample_prompts = list(cfg.log.sample_prompts) or self.prompts[:8]
+        self.cond_s = self.student.prompt_encoder.encode_cached(self.prompts).to(device)
+        self.cond_t = self.teacher.prompt_encoder.encode_cached(self.prompts).to(device)
+        self.uncond_t = self.teacher.prompt_encoder.encode_cached([""]).to(device)
+        self.sample_cond = self.student.prompt_encoder.encode_cached(self.sample_prompts).to(device)
+        self.reals = self._encode_reals() if cfg.data.real_images else None
+
+        # ---- generator, fake score, GAN head, EMA -------------------------------------------------------------------
+        generator = self.student.denoiser  # the Student base itself: nothing else needs its frozen weights
+        generator.to(torch.float32).requires_grad_(True)
+        if cfg.model.fake_score == "copy":
+            fake = copy.deepcopy(self.teacher.denoiser).to(torch.float32).requires_grad_(True)
+        else:
+            fake = self.teacher.denoiser  # shared base; only the adapter trains
+            add_lora(fake.backbone, cfg.model.lora_rank)
+            for p in fake.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        if t.gradient_checkpointing:
+            for d in (generator, fake):
+                d.backbone.enable_gradient_checkpointing()
+        self.gan_head = self._build_gan_head(fake) if t.gan_weight > 0 else None
+        self.ema = copy.deepcopy(generator).requires_grad_(False) if t.ema_decay > 0 else None
+
+        gen_params = list(generator.parameters()) + (list(self.bridge.parameters()) if t.cotrain_bridge else [])
+        critic_params = [p for p in fake.parameters() if p.requires_grad]
+        critic_params += list(self.gan_head.parameters()) if self.gan_head is not None else []
+        opt_g = torch.optim.AdamW(gen_params, lr=t.lr_generator, weight_decay=t.weight_decay)
+        opt_c = torch.optim.AdamW(critic_params, lr=t.lr_critic, weight_decay=t.weight_decay)
+        self.generator, self.fake, self.opt_g, self.opt_c = acc.prepare(
+            DenoiserCall(generator), DenoiserCall(fake), opt_g, opt_c
+        )
+        if self.gan_head is not None:
+            self.gan_head = acc.prepare(self.gan_head)
+        if t.cotrain_bridge:
+            self.bridge = acc.prepare(self.bridge)
+        self.gen_params, self.critic_params = gen_params, critic_params
+        self.generator_denoiser, self.fake_denoiser = generator, fake  # unwrapped, for checkpoints and hooks
+
+        # ---- bookkeeping --------------------------------------------------------------------------------------------
+        self.guard = NonFiniteGuard(t.max_nonfinite_steps, accelerator=acc)
+        self.step = 0
+
+    # ---- setup helpers ----------------------------------------------------------------------------------------------
+    def _encode_reals(self) -> dict[str, Tensor | PromptEmbeds]:
+        """Real images → Teacher latents (GAN reals) and Student latents (Bridge co-training), with captions."""
+        resolution = max(self.teacher.resolution, self.student.resolution)
+        images, captions = load_real_images(self.cfg.data.real_images, resolution, self.cfg.data.max_real_images)
+        device = self.accelerator.device
+        out: dict = {"real_cond_t": self.teacher.prompt_encoder.encode_cached(captions).to(device)}
+        for key, space in (("real_z_t", self.teacher), ("real_z_s", self.student)):
+            latents = []
+            for chunk in images.split(32):
+                pixels = torch.nn.functional.interpolate(
+                    chunk.float(), size=(space.resolution,) * 2, mode="bilinear", antialias=True
+                )
+                dtype = next(space.codec.parameters()).dtype
+                with torch.no_grad():
+                    latents.append(space.codec.encode(pixels.to(device, dtype)).float())
+            out[key] = torch.cat(latents)
+        return out
+
+    def _build_gan_head(self, fake: Denoiser) -> GANHead:
+        """Size the head by one probe forward through the fake score's feature block."""
+        c, h, w = self.teacher.latent_shape
+        device = self.accelerator.device
+        x = torch.zeros(1, c, h, w, device=device)
+        with torch.no_grad(), capture_features(feature_module(fake.backbone)) as feats:
+            fake.raw(x, torch.full((1,), 0.5, device=device), self.cond_t[:1])
+        channels = feats[0].shape[1] if feats[0].ndim == 4 else feats[0].shape[-1]
+        return GANHead(channels).to(device)
+
+    # ---- the pieces of one step -------------------------------------------------------------------------------------
+    def batch(self, gen: torch.Generator) -> dict:
+        """Prompt indices drawn from the step's generator, with their cached embeddings (and reals)."""
+        b = self.cfg.train.batch_size
+        idx = torch.randint(len(self.prompts), (b,), generator=gen, device=gen.device).cpu()
+        batch = {"cond_s": self.cond_s[idx], "cond_t": self.cond_t[idx], "uncond_t": self.uncond_t.repeat(b)}
+        if self.reals is not None:
+            ridx = torch.randint(len(self.reals["real_z_t"]), (b,), generator=gen, device=gen.device).cpu()
+            batch |= {k: v[ridx] for k, v in self.reals.items()}
+        return batch
+
+    def generate(
+        self, cond_s: PromptEmbeds, gen: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
+        """``z_s = G_θ(z, c)``: one x0-prediction of the generator from pure noise at ``conditioning_t``."""
+        if noise is None:
+            noise = _randn((len(cond_s), *self.student.latent_shape), gen)
+        t = torch.full((len(noise),), self.cfg.train.conditioning_t, device=noise.device)
+        return self.generator("denoise", noise, t, cond_s)
+
+    def _real_score(self, x_t: Tensor, t: Tensor, batch: dict) -> Tensor:
+        """``μ_real``: the Teacher's CFG x0-prediction (adapter off when the fake score is a LoRA on it)."""
+        cfg = self.cfg
+        lora = adapters_disabled(self.teacher.denoiser.backbone) if cfg.model.fake_score == "lora" else None
+        with torch.no_grad(), lora or contextlib.nullcontext():
+            return self.teacher.denoiser.denoise(
+                x_t, t, batch["cond_t"], guidance_scale=cfg.train.guidance_scale, uncond=batch["uncond_t"]
+            )
+
+    def _gan_features(self, x0: Tensor, cond: PromptEmbeds, t: Tensor, eps: Tensor) -> Tensor:
+        """Fake-score features of Teacher latents ``x0`` noised to ``t`` (one forward of the wrapped fake score)."""
+        block = feature_module(self.fake_denoiser.backbone)
+
+        def features(denoiser: Denoiser) -> Tensor:
+            with capture_features(block) as feats:
+                denoiser.raw(denoiser.noise(x0, t, eps), t, cond)
+            return feats[-1]
+
+        return self.fake(features)
+
+    def generator_loss(self, batch: dict, gen: torch.Generator) -> tuple[Tensor, dict]:
+        """DM loss (+ GAN, + Bridge reconstruction) of one generator update; gradients reach ``G_θ`` (and ``B_φ``)."""
+        t = self.cfg.train
+        z_hat = self.bridge(self.generate(batch["cond_s"], gen))  # ẑ_t = B_φ(G_θ(z, c))
+        tau = self.teacher.denoiser.sample_time(len(z_hat), gen, t.t_min, t.t_max)
+        eps = _randn(z_hat.shape, gen)
+        x_tau = self.teacher.denoiser.noise(z_hat.detach(), tau, eps)
+        mu_real = self._real_score(x_tau, tau, batch)
+        with torch.no_grad():
+            mu_fake = self.fake("denoise", x_tau, tau, batch["cond_t"])
+        loss, logs = dm_loss(z_hat, mu_real, mu_fake)
+        logs["loss/dm"] = loss.item()
+        if self.gan_head is not None:
+            loss_gan = gan_generator_loss(self.gan_head(self._gan_features(z_hat, batch["cond_t"], tau, eps)))
+            loss = loss + t.gan_weight * loss_gan
+            logs["loss/gan_g"] = loss_gan.item()
+        if t.cotrain_bridge:
+            loss_rec = reconstruction_loss(self.bridge(batch["real_z_s"]), batch["real_z_t"])
+            loss = loss + t.bridge_rec_weight * loss_rec
+            logs["loss/bridge_rec"] = loss_rec.item()
+        return loss, logs
+
+    def critic_loss(self, batch: dict, gen: torch.Generator) -> tuple[Tensor, dict]:
+        """Fake-score denoising loss on ``sg(ẑ_t)`` (+ GAN discriminator loss); gradients reach the critic only."""
+        t = self.cfg.train
+        with torch.no_grad():
+            z_hat = self.bridge(self.generate(batch["cond_s"], gen))
+        tau = self.teacher.denoiser.sample_time(len(z_hat), gen, t.t_min, t.t_max)
+        eps = _randn(z_hat.shape, gen)
+        if self.gan_head is None:
+            loss = self.fake(fake_score_loss, z_hat, batch["cond_t"], tau, eps)
+            return loss, {"loss/fake": loss.item()}
+        block = feature_module(self.fake_denoiser.backbone)
+
+        def loss_and_features(denoiser: Denoiser) -> tuple[Tensor, list[Tensor]]:
+            # One forward of the wrapped fake score for all three passes; the fake sample's features come from the
+            # fake-score loss pass itself (same x_τ), the reals are noised with the same (τ, ε).
+            with capture_features(block) as feats:
+                loss = fake_score_loss(denoiser, z_hat, batch["cond_t"], tau, eps)
+                real = batch["real_z_t"]
+                denoiser.raw(denoiser.noise(real, tau, eps), tau, batch["real_cond_t"])
+            return loss, feats
+
+        loss, (feat_fake, feat_real) = self.fake(loss_and_features)
+        logits = self.gan_head(torch.cat([feat_real, feat_fake]))
+        loss_d = gan_discriminator_loss(*logits.chunk(2))
+        logs = {"loss/fake": loss.item(), "loss/gan_d": loss_d.item()}
+        return loss + t.gan_critic_weight * loss_d, logs
+
+    # ---- updates ----------------------------------------------------------------------------------------------------
+    def _update(self, loss: Tensor, logs: dict, opt, params: list[Tensor], name: str, step: int) -> dict:
+        """Backward, clip and step one optimiser, unless the loss is NaN/inf (then the step is skipped)."""
+        opt.zero_grad(set_to_none=True)  # also drops grads the other update left (the GAN path reaches the critic)
+        if self.guard.check({f"loss/{name}": loss}, step):
+            self.accelerator.backward(loss)
+            max_norm = self.cfg.train.max_grad_norm
+            norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            opt.step()
+            logs[f"grad_norm/{name}"] = float(norm)
+        opt.zero_grad(set_to_none=True)
+        return logs
+
+    def generator_step(self, step: int) -> dict:
+        gen = step_generator(self.cfg.train.seed, self.accelerator.process_index, step, self.accelerator.device,
+                             "generator")  # fmt: skip
+        batch = self.batch(gen)
+        with self.accelerator.autocast():
+            loss, logs = self.generator_loss(batch, gen)
+        logs = self._update(loss, logs, self.opt_g, self.gen_params, "generator", step)
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.generator_denoiser.parameters()):
+                    e.lerp_(p.detach().to(e.dtype), 1.0 - self.cfg.train.ema_decay)
+        return logs
+
+    def critic_step(self, step: int) -> dict:
+        gen = step_generator(self.cfg.train.seed, self.accelerator.process_index, step, self.accelerator.device,
+                             "critic")  # fmt: skip
+        batch = self.batch(gen)
+        with self.accelerator.autocast():
+            loss, logs = self.critic_loss(batch, gen)
+        return self._update(loss, logs, self.opt_c, self.critic_params, "critic", step)
+
+    def train_step(self, step: int) -> dict:
+        """Step ``step`` (from 1): a generator update every ``critic_steps_per_generator_step`` steps, then a critic
+        update (DMD2's order: the generator first, at the first step)."""
+        logs = {}
+        if (step - 1) % self.cfg.train.critic_steps_per_generator_step == 0:
+            logs |= self.generator_step(step)
+        logs |= self.critic_step(step)
+        return logs
+
+    # ---- state ------------------------------------------------------------------------------------------------------
+    def state_objects(self) -> dict:
+        """Everything a resumed run needs, by checkpoint name (only trainable parameters of the models)."""
+        objects = {
+            "generator": TrainableParams(self.generator_denoiser),
+            "fake_score": TrainableParams(self.fake_denoiser),
+            "opt_generator": self.opt_g,
+            "opt_critic": self.opt_c,
+        }
+        if self.ema is not None:
+            objects["ema"] = self.ema
+        if self.gan_head is not None:
+            objects["gan_head"] = self.accelerator.unwrap_model(self.gan_head)
+        if self.cfg.train.cotrain_bridge:
+            objects["bridge"] = TrainableParams(self.accelerator.unwrap_model(self.bridge))
+        return objects
+
+    @torch.no_grad()
+    def save_samples(self) -> Path | None:
+        """A grid of one-step samples (EMA weights if kept) on the fixed prompts and noise: samples/step_N.png."""
+        if not self.accelerator.is_main_process:
+            return None
+        device = self.accelerator.device
+        gen = torch.Generator(device).manual_seed(derive_seed(self.cfg.train.seed, "samples"))
+        noise = torch.randn((len(self.sample_cond), *self.student.latent_shape), generator=gen, device=device)
+        denoiser = self.ema if self.ema is not None else self.generator_denoiser
+        t = torch.full((len(noise),), self.cfg.train.conditioning_t, device=device)
+        with self.accelerator.autocast():
+            x0 = denoiser.denoise(noise, t, self.sample_cond)
+        pixels = self.student.codec.decode(x0.to(next(self.student.codec.parameters()).dtype))
+        path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensor_grid(pixels.float(), ncol=min(8, len(pixels))).save(path)
+        return path
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Run to ``train.max_steps`` through the shared loop (resume → step → log → samples → checkpoint)."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.log.tensorboard:
+            acc.init_trackers("distill")
+
+        def step_fn(step: int) -> dict:
+            self.step = step
+            return self.train_step(step)
+
+        def sample_fn(step: int) -> None:
+            self.step = step
+            self.save_samples()
+
+        result = train_loop(
+            self.run_dir, max_steps=cfg.train.max_steps, step_fn=step_fn, objects=self.state_objects(),
+            checkpoint_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, sample_every=cfg.log.sample_every,
+            sample_fn=sample_fn, config_hash=config_hash(cfg), guard=self.guard, accelerator=acc, desc="distill",
+        )  # fmt: skip
+        acc.end_training()
+        self.step = result.step
+        return result.step
