@@ -300,8 +300,10 @@ def write_evaluation(
     rows = [[Image.fromarray(arrays[s][i]) for s in seeds] for i in shown]
     col_labels = [f"seed {s}" for s in seeds]
     if metrics is not None and result.get("emoji_metrics"):
-        real = to_uint8(metrics.real_pixels([prompts[i] for i in shown]))
-        rows = [[Image.fromarray(real[r]), *row] for r, row in enumerate(rows)]
+        real = [Image.fromarray(a) for a in to_uint8(metrics.real_pixels([prompts[i] for i in shown]))]
+        for i, image in zip(shown, real):
+            image.save(out / SAMPLES_DIR / f"real_{sample_name(i, 0)}")  # for comparison grids
+        rows = [[real[r], *row] for r, row in enumerate(rows)]
         col_labels = ["real", *col_labels]
     image_grid(rows, col_labels=col_labels).save(out / "grid.png")
 
@@ -351,10 +353,23 @@ def load_evaluation(folder: str | Path) -> dict[str, Any]:
 def compare_evaluations(folders: Sequence[str | Path], out: str | Path, names: Sequence[str] | None = None) -> Path:
     """Side-by-side report of several evaluation folders: the metric table, metric bars, a grid, loss curves.
 
-    Writes ``comparison.json``, ``comparison.md``/``.html``, ``bars.png``, ``grid.png`` (first seed they share, one
-    column per model, only if they used the same prompts) and ``loss.png`` (models evaluated from a run dir).
+    Writes ``comparison.json``, ``comparison_table.md``, ``comparison.md``/``.html``, ``bars.png``, ``grid.png``
+    (the first seed they share, one column per model, if they used the same prompts) and ``loss.png`` (models
+    evaluated from a run dir).
     """
+    report = Report("Comparison")
+    add_comparison(report, folders, out, names)
+    report.write(out, "comparison")
+    return Path(out)
 
+
+def add_comparison(
+    report: Report, folders: Sequence[str | Path], out: str | Path, names: Sequence[str] | None = None
+) -> dict[str, dict]:
+    """Append the comparison of evaluation folders to ``report``, writing its files into ``out``.
+
+    Returns ``{label: result}`` (each folder's ``metrics.json``) in the given order.
+    """
     if not folders:
         raise DataError("--compare needs at least one evaluation folder")
     out = Path(out)
@@ -368,29 +383,30 @@ def compare_evaluations(folders: Sequence[str | Path], out: str | Path, names: S
         for label, r in zip(labels, results)
     ]
     header = ["model", *(f"{m} {'↓' if lower_is_better(m) else '↑'}" for m in metric_names)]
-    atomic_write_text(
-        out / "comparison.json",
-        json.dumps({"models": labels, "folders": [str(f) for f in folders], "summary": summaries}, indent=2) + "\n",
-    )
+    summary_json = {"models": labels, "folders": [str(f) for f in folders], "summary": summaries}
+    atomic_write_text(out / "comparison.json", json.dumps(summary_json, indent=2) + "\n")
     atomic_write_text(out / "comparison_table.md", markdown_table(header, rows) + "\n")
     legend = {k: v for r in results for k, v in r.get("metric_names", {}).items()}
-    report = Report("Comparison").table(header, rows)
+    report.table(header, rows)
     report.text("mean ± sample standard deviation over seeds; ↑ higher is better, ↓ lower is better.")
     report.table(["metric", "what it measures"], [[m, legend.get(m, m)] for m in metric_names])
     plot_metric_bars(summaries, out / "bars.png", metric_names)
     report.heading("Metrics").image("bars.png", "one bar per model; error bars: spread over seeds")
 
+    sample_dirs = [Path(r["folder"]) / SAMPLES_DIR for r in results]
     prompt_lists = [(Path(r["folder"]) / "prompts.txt").read_text(encoding="utf-8").splitlines() for r in results]
     shared_seeds = sorted(set.intersection(*(set(r["seeds"]) for r in results)))
     if all(p == prompt_lists[0] for p in prompt_lists) and shared_seeds:
         seed, shown = shared_seeds[0], range(min(GRID_PROMPTS, len(prompt_lists[0])))
-        grid_rows = [
-            [Image.open(Path(r["folder"]) / SAMPLES_DIR / sample_name(i, seed)) for r in results] for i in shown
-        ]
-        image_grid(grid_rows, col_labels=labels).save(out / "grid.png")
-        report.heading("Samples").image(
-            "grid.png", f"same prompts and start noise (seed {seed}), one column per model"
-        )
+        columns = [[d / sample_name(i, seed) for i in shown] for d in sample_dirs]
+        col_labels = list(labels)
+        real = [d / f"real_{sample_name(i, 0)}" for d in sample_dirs[:1] for i in shown]
+        if all(p.is_file() for p in real):
+            columns, col_labels = [real, *columns], ["real", *col_labels]
+        grid_rows = [[Image.open(col[i]) for col in columns] for i in range(len(shown))]
+        image_grid(grid_rows, col_labels=col_labels).save(out / "grid.png")
+        caption = f"same prompts and start noise (seed {seed}); columns: {', '.join(col_labels)}"
+        report.heading("Samples").image("grid.png", caption)
         report.code("\n".join(f"{i}: {prompt_lists[0][i]}" for i in shown))
     else:
         report.text("No side-by-side grid: the evaluations used different prompts or seeds.")
@@ -398,8 +414,7 @@ def compare_evaluations(folders: Sequence[str | Path], out: str | Path, names: S
     curves = {label: read_stats(r["run_dir"]) for label, r in zip(labels, results) if r.get("run_dir")}
     if curves and plot_loss_curves(curves, out / "loss.png") is not None:
         report.heading("Training curves").image("loss.png", "losses of the distill runs (stats.jsonl)")
-    report.write(out, "comparison")
-    return out
+    return dict(zip(labels, results))
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
