@@ -390,8 +390,10 @@ def add_comparison(
     report.table(header, rows)
     report.text("mean ± sample standard deviation over seeds; ↑ higher is better, ↓ lower is better.")
     report.table(["metric", "what it measures"], [[m, legend.get(m, m)] for m in metric_names])
+    # Absolute image paths: the report may live in another folder than `out` (Report.write makes them relative).
+    out = out.resolve()
     plot_metric_bars(summaries, out / "bars.png", metric_names)
-    report.heading("Metrics").image("bars.png", "one bar per model; error bars: spread over seeds")
+    report.heading("Metrics").image(out / "bars.png", "one bar per model; error bars: spread over seeds")
 
     sample_dirs = [Path(r["folder"]) / SAMPLES_DIR for r in results]
     prompt_lists = [(Path(r["folder"]) / "prompts.txt").read_text(encoding="utf-8").splitlines() for r in results]
@@ -406,14 +408,14 @@ def add_comparison(
         grid_rows = [[Image.open(col[i]) for col in columns] for i in range(len(shown))]
         image_grid(grid_rows, col_labels=col_labels).save(out / "grid.png")
         caption = f"same prompts and start noise (seed {seed}); columns: {', '.join(col_labels)}"
-        report.heading("Samples").image("grid.png", caption)
+        report.heading("Samples").image(out / "grid.png", caption)
         report.code("\n".join(f"{i}: {prompt_lists[0][i]}" for i in shown))
     else:
         report.text("No side-by-side grid: the evaluations used different prompts or seeds.")
 
     curves = {label: read_stats(r["run_dir"]) for label, r in zip(labels, results) if r.get("run_dir")}
     if curves and plot_loss_curves(curves, out / "loss.png") is not None:
-        report.heading("Training curves").image("loss.png", "losses of the distill runs (stats.jsonl)")
+        report.heading("Training curves").image(out / "loss.png", "losses of the distill runs (stats.jsonl)")
     return dict(zip(labels, results))
 
 

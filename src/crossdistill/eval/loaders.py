@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from crossdistill.errors import ConfigError
+from crossdistill.errors import ConfigError, ModelLoadError
 from crossdistill.eval.evaluate import EmojiMetrics, ImageModel, SpaceModel
 
 MODEL_KINDS = {
@@ -84,7 +84,7 @@ def load_image_model(
         raise ConfigError(f"--model {spec} is a one-step model: drop --steps/--guidance")
     if kind == "run":
         return _run_model(Path(path), device, name, spec)
-    return _pipeline_model(Path(path), device, name, spec)
+    return PipelineModel(Path(path), device, name, spec)
 
 
 def toy_metrics(device: str | None = None, resnet: bool = True, toy_weights: str | Path | None = None):
@@ -94,8 +94,54 @@ def toy_metrics(device: str | None = None, resnet: bool = True, toy_weights: str
 
 
 def _run_model(run_dir: Path, device: str | None, name: str | None, spec: str) -> ImageModel:
-    raise ConfigError(f"--model {spec}: loading a distill run's generator is not wired yet")
+    """The run's Student with its latest checkpointed generator (EMA weights when the run kept them), one step."""
+    from crossdistill.config import load_config
+    from crossdistill.export.pipeline import load_generator_weights
+    from crossdistill.train.checkpoint import CheckpointManager, read_state
+    from crossdistill.train.distill import DistillConfig, load_space
+
+    cfg = load_config(DistillConfig, run_dir / "config.json")
+    checkpoint = CheckpointManager(run_dir, main_process=False).latest()
+    if checkpoint is None:
+        raise ModelLoadError(f"{run_dir} has no complete checkpoint yet (train first: crossdistill distill)")
+    weights = "ema" if (checkpoint / "ema.safetensors").is_file() else "generator"
+    student = load_space(cfg.model.student_family, cfg.model.student_path)
+    load_generator_weights(student.denoiser, read_state(checkpoint, weights))
+    student.to(default_device(device)).eval()
+    step = CheckpointManager.step_of(checkpoint)
+    label = name or f"{run_dir.name} (one step, {cfg.model.bridge_kind}, step {step})"
+    model = SpaceModel(student, 1, 1.0, name=label, spec=spec, step=step, weights=weights)
+    model.run_dir = run_dir
+    return model
 
 
-def _pipeline_model(folder: Path, device: str | None, name: str | None, spec: str) -> ImageModel:
-    raise ConfigError(f"--model {spec}: loading an exported pipeline is not wired yet")
+class PipelineModel(ImageModel):
+    """An exported one-step ``StableDiffusionPipeline``: one step at timestep 999, no CFG, our noise as latents."""
+
+    def __init__(self, folder: Path, device: str | None, name: str | None, spec: str):
+        from crossdistill.export.generate import load_pipeline
+
+        self.device = default_device(device)
+        self.pipe = load_pipeline(folder, self.device)
+        self.name = name or f"{folder.name} (exported, one step)"
+        self.spec = spec
+
+    @property
+    def noise_shape(self) -> tuple[int, int, int]:
+        config = self.pipe.unet.config
+        return (config.in_channels, config.sample_size, config.sample_size)
+
+    @torch.no_grad()
+    def generate(self, prompts, noise: torch.Tensor) -> torch.Tensor:
+        embeds, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
+        images = self.pipe(
+            prompt_embeds=embeds,
+            latents=noise.to(self.device, embeds.dtype),
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            output_type="pt",
+        ).images
+        return images.float() * 2.0 - 1.0  # the pipeline's [0, 1] → the project's [-1, 1]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "spec": self.spec, "num_steps": 1, "guidance_scale": 1.0}
