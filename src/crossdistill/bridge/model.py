@@ -93,8 +93,13 @@ def _prior_geometry(space: dict, prior_up_blocks: int | None, decoder_channels: 
     if prior_up_blocks is None:
         return 3, space["resolution"]
     # diffusers' Decoder runs up-blocks from the widest channels down; each block but the last doubles the grid.
+    num_up = len(decoder_channels)
+    if not 1 <= prior_up_blocks <= num_up:
+        raise ValueError(
+            f"prior_up_blocks must be in [1, {num_up}] (the Student decoder's up-blocks), got {prior_up_blocks}"
+        )
     rev = list(reversed(decoder_channels))
-    return rev[prior_up_blocks - 1], space["latent_size"] * 2**prior_up_blocks
+    return rev[prior_up_blocks - 1], space["latent_size"] * 2 ** min(prior_up_blocks, num_up - 1)
 
 
 class Bridge(ModelMixin, ConfigMixin):
@@ -140,7 +145,7 @@ class Bridge(ModelMixin, ConfigMixin):
             if differs:
                 raise SpaceMismatchError(
                     f"the identity bridge needs one shared latent space, but Student and Teacher differ in "
-                    f"{', '.join(differs)}: use --set model.bridge_kind=prior_projector for cross-space"
+                    f"{', '.join(differs)}: use a cross-space kind (e.g. --kind prior_projector)"
                 )
         # The spaces' codecs are kept outside the module tree: never saved, never trained, never counted.
         self._student: list[Space] = []
