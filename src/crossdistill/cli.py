@@ -16,6 +16,7 @@ from crossdistill.errors import CrossDistillError
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("crossdistill.models.cli", "list model families and inspect a model folder"),
+    "bridge": ("crossdistill.bridge.cli", "train a Bridge into the Teacher's latent space, or report on Bridges"),
     "evaluate": ("crossdistill.eval.cli", "evaluate a model (metrics, grids, latency) or compare evaluations"),
     "demo": ("crossdistill.demo", "the whole method on the emoji world: Bridge, two distillations, evaluation, report"),
 }
