@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from crossdistill.data.emoji import EmojiWorld
-from crossdistill.errors import DataError
+from crossdistill.errors import ConfigError, DataError
 from crossdistill.eval.evaluate import (
     EmojiMetrics,
     ImageModel,
@@ -200,3 +200,43 @@ def test_feature_scorers_are_skipped_without_a_reference(tiny_metrics):
     result, _ = evaluate(NoiseImages("fake"), PROMPTS, [0], metrics=tiny_metrics, scorers=scorers)
     assert result["emoji_metrics"] is False
     assert set(result["summary"]) == {"bright", "latency_ms"}
+
+
+def test_scorer_module_plugs_in_a_scorer_without_editing_the_package(tmp_path, monkeypatch):
+    from crossdistill.eval.cli import resolve_scorers
+
+    (tmp_path / "user_scorers_for_test.py").write_text(
+        "from crossdistill.eval.metrics import register_scorer\n"
+        "@register_scorer('user_gain_score')\n"
+        "class Gain:\n"
+        "    name, kind = 'mean pixel × gain', 'scores'\n"
+        "    def __init__(self, gain='1'):\n"
+        "        self.gain = float(gain)\n"
+        "    def __call__(self, images, prompts):\n"
+        "        return images.mean(dim=(1, 2, 3)).numpy() * self.gain\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scorers = resolve_scorers(["user_gain_score:gain=2"], ["user_scorers_for_test"])
+    result, images = evaluate(NoiseImages("fake"), PROMPTS, [0], scorers=scorers, progress=False)
+    assert result["summary"]["user_gain_score"]["mean"] == pytest.approx(2 * images[0].mean().item(), rel=1e-5)
+    assert result["metric_names"]["user_gain_score"] == "mean pixel × gain"
+    with pytest.raises(ConfigError, match="unknown scorer"):
+        resolve_scorers(["no_such_scorer"], [])
+    with pytest.raises(ConfigError, match="cannot import"):
+        resolve_scorers([], ["no_such_module_for_test"])
+
+
+def test_prompt_selection(tmp_path):
+    from crossdistill.eval.cli import select_prompts
+    from crossdistill.eval.loaders import parse_spec
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("# a comment\none\n\ntwo\nthree\nfour\n")
+    assert select_prompts(str(path)) == ["one", "two", "three", "four"]
+    assert select_prompts(str(path), num_prompts=2) == ["one", "three"]  # spread over the set
+    with pytest.raises(DataError):
+        select_prompts(str(tmp_path / "missing.txt"))
+    assert parse_spec("run:runs/a:b") == ("run", "runs/a:b")
+    for bad in ("runs/a", "model:x", "teacher:"):
+        with pytest.raises(ConfigError, match="KIND:PATH"):
+            parse_spec(bad)
