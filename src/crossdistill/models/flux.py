@@ -144,7 +144,7 @@ class FluxSpace(DiffusersSpace):
         """Tiny random FLUX space at 16 px (latents 16×8×8 → 16 tokens): dev-like with ``guidance_embeds``
         (dynamic shifting), schnell-like without (fixed shift 1)."""
         encoder = FluxPromptEncoder(
-            tiny_clip(seed, 16), tiny_tokenizer(), tiny_t5(seed + 1, 32), tiny_tokenizer(), max_sequence_length=16
+            tiny_clip(seed, 16), tiny_tokenizer(), tiny_t5(seed + 1, 32), tiny_tokenizer(), max_sequence_length=12
         )
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(

@@ -25,8 +25,8 @@ from crossdistill.models.base import Denoiser, LatentCodec, PromptEncoder, Space
 # Backbone subfolder and class → family. UNets of SDXL differ from SD 1.x/2.x by their added time/text embedding.
 BACKBONE_SUBFOLDERS = ("unet", "transformer")
 TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
-# Our own entry in model_index.json (the space's resolution), which diffusers pipelines ignore.
-INDEX_KEY = "crossdistill"
+# Our own file beside model_index.json (family, resolution, prompt encoder options); diffusers never reads it.
+SPACE_FILE = "crossdistill_space.json"
 
 
 def read_json(path: Path) -> dict:
@@ -247,17 +247,13 @@ class DiffusersSpace(Space):
         backbone.eval()
         scheduler = load_scheduler(folder)
         codec = codec_from_vae(vae)
-        resolution = int(resolution or cls.saved_resolution(folder) or cls.native_resolution(backbone, codec))
+        saved = read_json(folder / SPACE_FILE) if (folder / SPACE_FILE).is_file() else {}
+        resolution = int(resolution or saved.get("resolution") or cls.native_resolution(backbone, codec))
         encoder_options = {k: options.pop(k) for k in list(options) if k in cls.prompt_encoder_options}
+        encoder_options = {**saved.get("prompt_encoder", {}), **encoder_options}
         encoder = cls.build_prompt_encoder(folder, backbone, torch_dtype, **encoder_options)
         denoiser = cls.build_denoiser(backbone, scheduler, codec, resolution, **options)
         return cls(codec, denoiser, encoder, resolution)
-
-    @staticmethod
-    def saved_resolution(folder: Path) -> int | None:
-        """The resolution a crossdistill save recorded in ``model_index.json`` (diffusers ignores the key)."""
-        index_path = folder / "model_index.json"
-        return read_json(index_path).get(INDEX_KEY, {}).get("resolution") if index_path.is_file() else None
 
     @classmethod
     def native_resolution(cls, backbone, codec: LatentCodec) -> int:
@@ -272,8 +268,10 @@ class DiffusersSpace(Space):
             "scheduler": self.denoiser.scheduler,
             **self.prompt_encoder.components(),
         }
-        extra = {**self.index_extra(), INDEX_KEY: {"resolution": self.resolution, "family": self.family}}
-        save_folder(path, self.pipeline_class, components, extra=extra)
+        save_folder(path, self.pipeline_class, components, extra=self.index_extra())
+        # What a diffusers folder cannot say: the space's resolution and the prompt encoder's lengths.
+        info = {"family": self.family, "resolution": self.resolution, "prompt_encoder": self.prompt_encoder.options()}
+        (Path(path) / SPACE_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
     def index_extra(self) -> dict:
         """Pipeline-level model_index entries a family's diffusers pipeline expects."""

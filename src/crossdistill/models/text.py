@@ -58,6 +58,10 @@ class FolderPromptEncoder(PromptEncoder):
                 obj.eval().requires_grad_(False)  # frozen in every job of this project
             setattr(self, name, obj)
 
+    def options(self) -> dict:
+        """Constructor options a saved folder must remember (its components cannot tell them)."""
+        return {}
+
     def components(self) -> dict[str, object]:
         """``{subfolder: component}`` for :func:`crossdistill.models.loading.save_folder`."""
         return {name: getattr(self, name) for name in self.slots}
@@ -183,6 +187,9 @@ class SD3PromptEncoder(FolderPromptEncoder):
         limit = tokenizer_3.model_max_length if tokenizer_3 is not None else max_sequence_length
         self.max_sequence_length = int(min(max_sequence_length, limit))
 
+    def options(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
+
     def encode(self, prompts: Sequence[str]) -> PromptEmbeds:
         h1, p1 = clip_embed(self.tokenizer, self.text_encoder, prompts)
         h2, p2 = clip_embed(self.tokenizer_2, self.text_encoder_2, prompts)
@@ -210,6 +217,9 @@ class FluxPromptEncoder(FolderPromptEncoder):
              "tokenizer_2": tokenizer_2}
         )  # fmt: skip
         self.max_sequence_length = int(min(max_sequence_length, tokenizer_2.model_max_length))
+
+    def options(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
 
     def encode(self, prompts: Sequence[str]) -> PromptEmbeds:
         ids, _ = tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length, _device(self.text_encoder))
