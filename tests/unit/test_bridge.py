@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
 import torch
 
 from crossdistill.bridge.model import Bridge
+from crossdistill.bridge.train import enable_teacher_checkpointing
 from crossdistill.errors import SpaceMismatchError
 from crossdistill.losses.bridge import BridgeLossWeights, attention_kl, bridge_loss, teacher_agreement
 from crossdistill.models.registry import family_names, get_family
@@ -149,3 +151,30 @@ def test_loading_against_other_spaces_is_a_clear_error(tmp_path):
         Bridge.load(tmp_path, student, _space("sd15", 1, 2))
     with pytest.raises(SpaceMismatchError, match="another Student space"):
         Bridge.load(tmp_path, _space("sd15", 0, 2), teacher)
+
+
+@pytest.mark.parametrize("teacher_family", ["sd15", "sd3"])
+def test_gradient_checkpointed_teacher_gives_the_same_gradients(teacher_family):
+    """The captured attention must survive the recomputation in backward (``hold`` keeps the capture installed)."""
+    student, teacher = _student(), _space(teacher_family, 1)
+    bridge = Bridge.build("projector_only", student, teacher, **SMALL)
+    z_s, z_star = _latents(student), _latents(teacher, seed=3)
+    cond = teacher.encode_prompts(["a red apple", "a blue cat"])
+    weights = BridgeLossWeights(rec=0.0, attn=1.0, out=1.0)
+
+    def grads() -> list[torch.Tensor]:
+        bridge.zero_grad()
+        with contextlib.ExitStack() as hold:
+            gen = torch.Generator().manual_seed(0)
+            loss, _ = bridge_loss(bridge(z_s), z_star, teacher, cond, weights, gen, hold=hold)
+            loss.backward()
+        return [p.grad.clone() for p in bridge.parameters()]
+
+    plain = grads()
+    assert enable_teacher_checkpointing(teacher)
+    try:
+        checkpointed = grads()
+    finally:
+        teacher.denoiser.backbone.disable_gradient_checkpointing()
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b)

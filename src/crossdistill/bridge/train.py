@@ -14,6 +14,7 @@ batch; only the main process writes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -375,14 +376,18 @@ def train(cfg: BridgeTrainConfig, run_dir: str | Path) -> Path:
         noise_gen = step_generator(cfg.train.seed, rank, step, device, stream="noise")
         z_s, z_t, cond = data.batch(indices, device)
         bridge.train()
-        with accelerator.autocast():
-            z_hat = bridge(z_s)
-            loss, logs = bridge_loss(z_hat, z_t, teacher, cond, cfg.loss, generator=noise_gen, layers=cfg.loss.layers)
-        if guard.check({"loss/bridge": loss}, step=step):
-            accelerator.backward(loss)
-            if cfg.optim.grad_clip > 0:
-                logs["grad/norm"] = float(accelerator.clip_grad_norm_(bridge.parameters(), cfg.optim.grad_clip))
-            optimizer.step()
+        # `hold` keeps the Teacher's attention capture installed through backward (checkpointed recomputation).
+        with contextlib.ExitStack() as hold:
+            with accelerator.autocast():
+                z_hat = bridge(z_s)
+                loss, logs = bridge_loss(
+                    z_hat, z_t, teacher, cond, cfg.loss, generator=noise_gen, layers=cfg.loss.layers, hold=hold
+                )
+            if guard.check({"loss/bridge": loss}, step=step):
+                accelerator.backward(loss)
+                if cfg.optim.grad_clip > 0:
+                    logs["grad/norm"] = float(accelerator.clip_grad_norm_(bridge.parameters(), cfg.optim.grad_clip))
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return {**logs, "lr": scheduler.get_last_lr()[0]}

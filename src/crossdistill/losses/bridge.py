@@ -9,6 +9,7 @@ the frozen Teacher on the ``ẑ_t`` branch only; the reference branch runs witho
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,13 +62,16 @@ def bridge_loss(
     weights: BridgeLossWeights,
     generator: torch.Generator | None = None,
     layers: Sequence[str] | None = None,
+    hold: contextlib.ExitStack | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """``L_bridge = λ_rec L_rec + λ_attn L_attn + λ_out L_out`` and its detached parts (``loss/rec`` ...)."""
+    """``L_bridge = λ_rec L_rec + λ_attn L_attn + λ_out L_out`` and its detached parts (``loss/rec`` ...).
+
+    ``hold``: see :func:`teacher_agreement` (needed when the Teacher uses gradient checkpointing)."""
     loss_rec = reconstruction_loss(z_hat, z_star)
     logs = {"loss/rec": loss_rec.item()}
     loss = weights.rec * loss_rec
     if (weights.attn > 0 or weights.out > 0) and cond is not None:
-        loss_attn, loss_out = teacher_fidelity(z_hat, z_star, teacher, cond, weights, generator, layers)
+        loss_attn, loss_out = teacher_fidelity(z_hat, z_star, teacher, cond, weights, generator, layers, hold)
         logs["loss/attn"] = loss_attn.item()
         logs["loss/out"] = loss_out.item()
         loss = loss + weights.attn * loss_attn + weights.out * loss_out
@@ -83,12 +87,14 @@ def teacher_fidelity(
     weights: BridgeLossWeights,
     generator: torch.Generator | None = None,
     layers: Sequence[str] | None = None,
+    hold: contextlib.ExitStack | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention fidelity and output fidelity of the frozen Teacher on ``ẑ_t`` vs ``z_t*`` at a random τ, ε."""
     batch = z_hat.shape[0]
     t = teacher.denoiser.sample_time(batch, generator, weights.t_min, weights.t_max).to(z_hat.device)
     eps = torch.randn(z_star.shape, generator=generator, device=generator.device if generator else "cpu")
-    return teacher_agreement(z_hat, z_star, teacher, cond, t, eps.to(z_hat.device), weights.attn_metric, layers)
+    eps = eps.to(z_hat.device)
+    return teacher_agreement(z_hat, z_star, teacher, cond, t, eps, weights.attn_metric, layers, hold)
 
 
 def teacher_agreement(
@@ -100,16 +106,21 @@ def teacher_agreement(
     eps: Tensor,
     attn_metric: str = "kl",
     layers: Sequence[str] | None = None,
+    hold: contextlib.ExitStack | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(L_attn, L_out)`` with both latents noised by the given ``t: [B]`` and ``eps: [B, C, h, w]``.
 
-    Split from :func:`teacher_fidelity` so diagnostics can measure at fixed τ (``crossdistill bridge report``)."""
+    Split from :func:`teacher_fidelity` so diagnostics can measure at fixed τ (``crossdistill bridge report``).
+    ``hold``: an ExitStack that keeps the ``ẑ_t`` branch's attention capture installed until the caller closes it,
+    after ``backward``. A gradient-checkpointed Teacher recomputes its blocks during backward, and the recomputation
+    must run the same (capturing) processors as the forward did, or torch refuses the mismatch."""
     den = teacher.denoiser
     eps = eps.to(z_hat.dtype)
     x_ref, x_hat = den.noise(z_star, t, eps), den.noise(z_hat, t, eps)
     with torch.no_grad(), den.capture_attention(layers) as maps_ref:
         raw_ref = den.raw(x_ref, t, cond)
-    with den.capture_attention(layers) as maps_hat:
+    with contextlib.ExitStack() as local:
+        maps_hat = (hold or local).enter_context(den.capture_attention(layers))
         raw_hat = den.raw(x_hat, t, cond)
     metric = attention_kl if attn_metric == "kl" else attention_mse
     loss_attn = metric(maps_ref, maps_hat)
