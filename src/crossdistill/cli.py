@@ -16,7 +16,11 @@ from crossdistill.errors import CrossDistillError
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("crossdistill.models.cli", "list model families and inspect a model folder"),
+    "distill": ("crossdistill.train.distill_cli", "distil a one-step Student from a Teacher (DMD2 across spaces)"),
+    "export": ("crossdistill.export.cli", "export a distilled run as a one-step StableDiffusionPipeline folder"),
+    "generate": ("crossdistill.export.generate", "one-step images from an exported pipeline folder"),
     "bridge": ("crossdistill.bridge.cli", "train a Bridge into the Teacher's latent space, or report on Bridges"),
+    "toy": ("crossdistill.toy.cli", "build or inspect the emoji world's shipped models"),
     "evaluate": ("crossdistill.eval.cli", "evaluate a model (metrics, grids, latency) or compare evaluations"),
     "demo": ("crossdistill.demo", "the whole method on the emoji world: Bridge, two distillations, evaluation, report"),
 }
