@@ -1,0 +1,203 @@
+"""Shared pieces of the benchmarks: real architecture configs, timing, FLOP counting and report writing.
+
+Speed does not depend on weight values, so every model is built from its published config with random weights
+(no hub). ``tiny=True`` swaps in small configs of the same classes, to debug a script on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def sd15_unet_config(tiny: bool = False) -> dict:
+    """Stable Diffusion 1.5's UNet2DConditionModel (860 M parameters)."""
+    return dict(
+        sample_size=8 if tiny else 64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64) if tiny else (320, 640, 1280, 1280),
+        layers_per_block=1 if tiny else 2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")
+        if tiny
+        else ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")
+        if tiny
+        else ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32 if tiny else 768,
+        attention_head_dim=8,
+        norm_num_groups=8 if tiny else 32,
+    )
+
+
+def sd15_vae_config(tiny: bool = False) -> dict:
+    """Stable Diffusion 1.5's AutoencoderKL (4 latent channels, downsampling 8; 49 M decoder parameters)."""
+    channels = (16, 32, 32, 32) if tiny else (128, 256, 512, 512)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=8 if tiny else 32,
+        sample_size=64 if tiny else 512,
+    )
+
+
+def sd35_medium_config(tiny: bool = False) -> dict:
+    """Stable Diffusion 3.5 Medium's SD3Transformer2DModel (MMDiT-X, 2.5 B parameters)."""
+    if tiny:
+        return dict(
+            sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=16,
+            pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,),
+        )  # fmt: skip
+    return dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
+    )  # fmt: skip
+
+
+def flux_dev_config(tiny: bool = False) -> dict:
+    """FLUX.1-dev's FluxTransformer2DModel (19 double + 38 single blocks, 12 B parameters, guidance embedding)."""
+    if tiny:
+        return dict(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )  # fmt: skip
+    return dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )  # fmt: skip
+
+
+def build(cls, config: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Construct a model directly on ``device`` in ``dtype`` (a 12 B model never passes through fp32 host memory)."""
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # its "keep in float32" note is about loading real checkpoints
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(**config).to(dtype)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def environment(device: torch.device) -> dict:
+    """Device name, library versions and the date, written into every report."""
+    import diffusers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "peft": peft_version,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        env["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return env
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, iters: int = 10) -> dict:
+    """Median and spread of ``fn``'s wall time in ms, measured per call with device events (host clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "iters": iters}
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """Model FLOPs of one call (matmuls, convs, attention) counted by torch's FlopCounterMode."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    """The measured bf16 matrix-product rate of this GPU (the denominator of every MFU here), on random data."""
+    if device.type != "cuda":
+        n = 512
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    t = time_ms(lambda: a @ b, device, warmup=5, iters=20)
+    return 2 * n**3 / (t["ms"] * 1e-3) / 1e12
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+@contextmanager
+def fresh_peak(device: torch.device):
+    """Reset the peak-memory counter for the block (after freeing cached blocks of earlier work)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+
+
+class Clock:
+    """Wall-clock budget of one run, so a long optional variant is skipped rather than killing the whole run."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.start, self.budget_s = time.monotonic(), budget_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def allows(self, needed_s: float) -> bool:
+        return self.elapsed() + needed_s <= self.budget_s
+
+
+def write_report(out_dir: Path, name: str, report: dict, markdown: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown)
+
+
+def env_markdown(env: dict, command: str) -> str:
+    keys = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("date", "device"))
+    return f"Device: **{env['device']}** · {env['date']} · {keys}\n\nCommand: `{command}`\n"
