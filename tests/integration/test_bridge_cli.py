@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from crossdistill.cli import main
@@ -82,3 +83,23 @@ def test_report_refuses_a_bridge_of_other_spaces(tmp_path, capsys):
     argv = ["bridge", "report", "--bridge", str(run / "bridge"), "--out", str(tmp_path / "r"), *TINY]
     assert main([*argv, "--set", "model.teacher_family=sd15"]) == 2
     assert "built for another Teacher space" in capsys.readouterr().err
+
+
+def test_train_and_report_on_an_image_folder_skipping_a_corrupt_file(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(6):
+        pixels = (torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"random picture number {i}")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("a broken file")
+    data = ["--set", "data.source=images", "--set", f"data.path={folder}", "--set", f"data.held_out_path={folder}"]
+    run = tmp_path / "run"
+    _train(run, *data, "--set", "train.max_steps=1")
+    assert load_file(str(run / "cache" / "latents.safetensors"))["z_s"].shape[0] == 6  # the corrupt file skipped
+    out = tmp_path / "report"
+    # No --preset/--set: the report reads the spaces and data from the run's config.json.
+    assert main(["bridge", "report", "--bridge", str(run / "bridge"), "--out", str(out), "--taus", "0.5"]) == 0
+    assert json.loads((out / "bridge_report.json").read_text())["num_images"] == 6
