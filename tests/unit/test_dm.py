@@ -39,12 +39,9 @@ def test_dm_denominator_is_clamped():
 
 def _gaussian_x0(x_t, a, s, mean, cov):
     """Exact E[x0 | x_t] for x0 ~ N(mean, cov), x_t = a x0 + s eps: mean + cov a (a² cov + s² I)⁻¹ (x_t − a mean)."""
-    eye = torch.eye(2, dtype=x_t.dtype)
-    out = []
-    for xi, ai, si in zip(x_t, a, s):
-        gain = ai * cov @ torch.linalg.inv(ai**2 * cov + si**2 * eye)
-        out.append(mean + gain @ (xi - ai * mean))
-    return torch.stack(out)
+    a, s = a.view(-1, 1, 1), s.view(-1, 1, 1)
+    gain = a * cov @ torch.linalg.inv(a**2 * cov + s**2 * torch.eye(2, dtype=x_t.dtype))  # [N, 2, 2]
+    return mean + (gain @ (x_t - a[:, 0] * mean).unsqueeze(-1)).squeeze(-1)
 
 
 def test_dm_update_moves_samples_towards_real_gaussian():

@@ -1,0 +1,70 @@
+"""A few distillation steps on tiny spaces, cross-space and shared-space: losses, updates, files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from distill_common import tiny_config
+
+from crossdistill.train.distill import DistillTrainer
+from crossdistill.train.stats import read_stats
+
+
+@pytest.mark.parametrize(
+    "cross, extra",
+    [
+        (True, ["model.fake_score=lora", "model.lora_rank=4", "train.ema_decay=0.9"]),
+        (False, []),
+    ],
+    ids=["cross_space_lora_ema", "shared_space_copy"],
+)
+def test_distill_steps_update_the_generator_and_write_the_run(tmp_path, cross, extra):
+    cfg = tiny_config(tmp_path, *extra, "log.sample_every=4", cross=cross)
+    trainer = DistillTrainer(cfg, tmp_path / "run")
+    before = {n: p.detach().clone() for n, p in trainer.generator_denoiser.named_parameters()}
+    teacher_before = {n: p.detach().clone() for n, p in trainer.teacher.denoiser.backbone.named_parameters()
+                      if "lora" not in n}  # fmt: skip
+    assert trainer.train() == 4
+
+    rows = read_stats(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    gen_rows = [r for r in rows if "loss/dm" in r]
+    assert [r["step"] for r in gen_rows] == [1, 3]  # one generator update per two critic updates
+    assert all(math.isfinite(r["loss/fake"]) and r["grad_norm/critic"] > 0 for r in rows)
+    assert all(math.isfinite(r["loss/dm"]) and r["grad_norm/generator"] > 0 for r in gen_rows)
+
+    moved = [n for n, p in trainer.generator_denoiser.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) > len(before) // 2
+    # The Teacher (real score) never changes, also when the fake score is a LoRA on it.
+    for n, p in trainer.teacher.denoiser.backbone.named_parameters():
+        if "lora" not in n:
+            assert torch.equal(p, teacher_before[n]), n
+    if trainer.ema is not None:
+        ema = dict(trainer.ema.named_parameters())
+        assert any(not torch.equal(ema[n], p) for n, p in trainer.generator_denoiser.named_parameters())
+    run = tmp_path / "run"
+    assert (run / "config.json").is_file()
+    assert (run / "samples" / "step_000004.png").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_gan_and_bridge_cotraining_run(tmp_path):
+    """The optional GAN head (reals = Teacher latents of real images) and the co-trained Bridge both train."""
+    from PIL import Image
+
+    reals = tmp_path / "reals"
+    reals.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (20, 20), colour).save(reals / f"{i}.png")
+        (reals / f"{i}.txt").write_text(f"a {colour} square")
+    (reals / "broken.png").write_bytes(b"not a png")  # skipped and counted, not fatal
+    cfg = tiny_config(tmp_path, f"data.real_images={reals}", "train.gan_weight=0.1", "train.cotrain_bridge=true",
+                      "train.max_steps=2", cross=True)  # fmt: skip
+    trainer = DistillTrainer(cfg, tmp_path / "run")
+    bridge_before = [p.detach().clone() for p in trainer.bridge.parameters()]
+    trainer.train()
+    rows = read_stats(tmp_path / "run")
+    assert all(math.isfinite(rows[0][k]) for k in ("loss/gan_g", "loss/gan_d", "loss/bridge_rec", "loss/dm"))
+    assert any(not torch.equal(a, b) for a, b in zip(trainer.bridge.parameters(), bridge_before))
