@@ -10,6 +10,7 @@ import pytest
 from crossdistill.cli import main
 from crossdistill.errors import ModelLoadError
 from crossdistill.models import family_names, get_family
+from crossdistill.models.text import GenericTextEncoder
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +68,13 @@ def test_info_on_a_wrong_folder_is_one_clear_line(sd3_folder, capsys):
 def test_info_reads_the_family_from_the_folder(sd3_folder, capsys):
     assert main(["info", "--model", str(sd3_folder)]) == 0
     assert json.loads(capsys.readouterr().out)["family"] == "sd3"
+
+
+def test_generic_encoder_of_the_wrong_width_is_refused_at_load(tmp_path):
+    get_family("sd15").tiny(0).save_pretrained(tmp_path)  # UNet built for a 32-wide CLIP
+    minilm = GenericTextEncoder.minilm()  # 384 wide
+    for sub, part in (("text_encoder", minilm.text_encoder), ("tokenizer", minilm.tokenizer)):
+        shutil.rmtree(tmp_path / sub)
+        part.save_pretrained(tmp_path / sub)
+    with pytest.raises(ModelLoadError, match="text encoder is 384 wide but the UNet's cross_attention_dim is 32"):
+        get_family("sd15").from_pretrained(tmp_path)

@@ -55,9 +55,10 @@ def resolve_folder(path_or_id: str | Path) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(
-            snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"])
-        )
+        # Only the diffusers layout (configs, tokenizer files, safetensors of each component): never the
+        # single-file checkpoints at a repo's root nor the half-precision duplicates.
+        patterns = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model"]
+        return Path(snapshot_download(text, allow_patterns=patterns, ignore_patterns=["*.fp16.*", "*.bf16.*"]))
     except Exception as e:  # any hub failure (network, auth, missing repo) is the same fix for the user
         raise ModelLoadError(
             f"{text!r} is not a local folder and the hub is unreachable: pass a local diffusers folder "
@@ -118,6 +119,15 @@ def check_folder(
     for sub in weights:
         if (folder / sub).is_dir():
             check_safetensors(folder / sub)
+
+
+def check_text_width(folder: Path, width: int, expected: int, what: str) -> None:
+    """A text encoder whose hidden size the backbone cannot take fails here, not inside the first forward."""
+    if width != expected:
+        raise ModelLoadError(
+            f"{folder}: the text encoder is {width} wide but {what} is {expected}: "
+            "pass a folder whose text_encoder/ matches its backbone"
+        )
 
 
 def load_diffusers_model(cls, folder: Path, sub: str, torch_dtype: torch.dtype | None):

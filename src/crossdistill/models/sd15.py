@@ -16,7 +16,7 @@ from torch import Tensor
 from crossdistill.errors import ModelLoadError
 from crossdistill.models.attention import AttentionSite, CapturesAttention, cross_split
 from crossdistill.models.base import Denoiser, LatentCodec, PromptEmbeds
-from crossdistill.models.loading import DiffusersSpace, codec_from_vae, tiny_vae
+from crossdistill.models.loading import DiffusersSpace, check_text_width, codec_from_vae, tiny_vae
 from crossdistill.models.registry import register_family
 from crossdistill.models.text import GenericTextEncoder, tiny_clip, tiny_tokenizer
 
@@ -118,7 +118,10 @@ class SD15Space(DiffusersSpace):
 
     @classmethod
     def build_prompt_encoder(cls, folder: Path, backbone, torch_dtype, **options) -> GenericTextEncoder:
-        return GenericTextEncoder.from_folder(folder, torch_dtype)
+        encoder = GenericTextEncoder.from_folder(folder, torch_dtype)
+        width = backbone.config.cross_attention_dim
+        check_text_width(folder, encoder.hidden_size, width, "the UNet's cross_attention_dim")
+        return encoder
 
     @classmethod
     def build_denoiser(cls, backbone, scheduler, codec: LatentCodec, resolution: int, **options) -> SD15Denoiser:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from crossdistill.models.attention import AttentionSite, CapturesAttention, image_then_text
 from crossdistill.models.base import Denoiser, LatentCodec, PromptEmbeds, PromptEncoder
-from crossdistill.models.loading import DiffusersSpace, codec_from_vae, tiny_vae
+from crossdistill.models.loading import DiffusersSpace, check_text_width, codec_from_vae, tiny_vae
 from crossdistill.models.registry import register_family
 from crossdistill.models.text import GenericTextEncoder, SD3PromptEncoder, tiny_clip, tiny_t5, tiny_tokenizer
 
@@ -105,7 +105,11 @@ class SD3Space(DiffusersSpace):
     @classmethod
     def build_prompt_encoder(cls, folder: Path, backbone, torch_dtype, **options) -> PromptEncoder:
         if not (folder / "text_encoder_2").is_dir():
-            return GenericTextEncoder.from_folder(folder, torch_dtype)
+            encoder = GenericTextEncoder.from_folder(folder, torch_dtype)
+            cfg = backbone.config
+            check_text_width(folder, encoder.hidden_size, cfg.joint_attention_dim, "the joint_attention_dim")
+            check_text_width(folder, encoder.hidden_size, cfg.pooled_projection_dim, "the pooled_projection_dim")
+            return encoder
         return SD3PromptEncoder.from_folder(
             folder, torch_dtype, joint_attention_dim=backbone.config.joint_attention_dim, **options
         )
