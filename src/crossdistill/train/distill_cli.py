@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 
 from crossdistill.config import add_config_args, config_from_args, dumps_config
+from crossdistill.errors import ConfigError
 from crossdistill.train.distill import DistillTrainer, check_config, make_accelerator
 from crossdistill.train.presets import PRESETS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="run folder: config.json, checkpoints/, samples/, stats")
+    parser.add_argument("--run-dir", help="run folder: config.json, checkpoints/, samples/, stats (required to train)")
     add_config_args(parser, PRESETS)
 
 
@@ -26,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dumps_config(cfg), end="")
         return 0
+    if not args.run_dir:
+        raise ConfigError("pass --run-dir DIR (a new folder, or an existing run to resume)")
     check_config(cfg)
     accelerator = make_accelerator(cfg, args.run_dir)
     step = DistillTrainer(cfg, args.run_dir, accelerator).train()
