@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from crossdistill.bridge.model import BRIDGE_KINDS
 from crossdistill.config import add_config_args, config_from_args, dumps_config, load_config, prepare_run_dir
 from crossdistill.errors import ConfigError
 
@@ -28,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "to RUN_DIR/bridge. Multi-GPU: `accelerate launch -m crossdistill.cli bridge train ...`.",
     )
     train.add_argument("--run-dir", required=True, help="where config.json, checkpoints, stats.jsonl go")
-    train.add_argument("--kind", help="shortcut for --set bridge.kind=KIND")
+    train.add_argument("--kind", choices=BRIDGE_KINDS, help="shortcut for --set bridge.kind=KIND")
     add_config_args(train, PRESETS)
 
     report = sub.add_parser(
