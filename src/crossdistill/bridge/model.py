@@ -221,14 +221,16 @@ class Bridge(ModelMixin, ConfigMixin):
             h = block(h)
         return h
 
-    def forward(self, z_s: Tensor) -> Tensor:
+    def forward(self, z_s: Tensor | None, prior: Tensor | None = None) -> Tensor:
+        """``ẑ_t = B(z_s)``. ``prior``: a precomputed ``decoder_prior(z_s)`` for ``prior_projector`` (then ``z_s`` is
+        not read): stage-1 training caches it, since the decoder is frozen and each image's ``z_s`` fixed."""
         kind = self.config.kind
         if kind == "identity":
             return z_s
         if kind == "projector_only":
             return self.projector(z_s)
         if kind == "prior_projector":
-            prior = self.decoder_prior(z_s)
+            prior = self.decoder_prior(z_s) if prior is None else prior
             return self.projector(prior.to(next(self.projector.parameters()).dtype))
         # decode_encode: exact path through both frozen VAEs, resized to the Teacher's resolution.
         teacher = self._need(self._teacher, "Teacher")

@@ -76,6 +76,7 @@ class DataConfig:
     max_images: int | None = None  # use at most this many training images (None: all)
     cache_latents: bool = True  # encode every image and prompt once, to <run_dir>/cache (when the set is small)
     cache_max_images: int = 20000  # above this many images, encode each batch on the fly instead
+    cache_prior_gb: float = 2.0  # prior_projector: keep D_s(z_s) of every cached latent in memory up to this size
     encode_batch_size: int = 32  # images per VAE/text-encoder batch while caching
 
 
@@ -263,20 +264,44 @@ def encode_pairs(
 
 
 class LatentSet:
-    """Training pairs by index: from an in-memory cache of encoded latents, or encoded per batch from images."""
+    """Training pairs by index: from an in-memory cache of encoded latents, or encoded per batch from images.
+
+    ``prior`` optionally holds the frozen decoder prior ``D_s(z_s)`` of every cached latent (``[N, C, H, W]``)."""
 
     def __init__(self, dataset, student: Space, teacher: Space, cached: dict[str, Tensor] | None = None):
         self.dataset, self.student, self.teacher, self.cached = dataset, student, teacher, cached
+        self.prior: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def batch(self, indices: Tensor, device: torch.device) -> tuple[Tensor, Tensor, PromptEmbeds]:
+    def batch(self, indices: Tensor, device: torch.device) -> tuple[Tensor, Tensor, PromptEmbeds, Tensor | None]:
+        """``(z_s, z_t*, c, D_s(z_s) or None)`` of the images at ``indices``, on ``device``."""
         if self.cached is None:
             z_s, z_t, cond = encode_pairs(self.student, self.teacher, *collate(self.dataset, indices.tolist()))
-            return z_s.to(device), z_t.to(device), cond.to(device)
+            return z_s.to(device), z_t.to(device), cond.to(device), None
         cond = PromptEmbeds({k[5:]: v[indices] for k, v in self.cached.items() if k.startswith("cond.")})
-        return self.cached["z_s"][indices].to(device), self.cached["z_t"][indices].to(device), cond.to(device)
+        prior = None if self.prior is None else self.prior[indices].to(device)
+        z_s, z_t = self.cached["z_s"][indices].to(device), self.cached["z_t"][indices].to(device)
+        return z_s, z_t, cond.to(device), prior
+
+    @torch.no_grad()
+    def cache_prior(self, bridge: Bridge, max_gb: float, batch_size: int, device: torch.device) -> bool:
+        """Keep ``D_s(z_s)`` of every cached latent in memory if it fits ``max_gb`` (it never changes in stage 1)."""
+        if self.cached is None or bridge.config.kind != "prior_projector":
+            return False
+        z_s = self.cached["z_s"]
+        probe = bridge.decoder_prior(z_s[:1].to(device))
+        if probe.numel() * probe.element_size() * len(z_s) > max_gb * 2**30:
+            logger.info(
+                "decoder prior of %d images exceeds data.cache_prior_gb=%g: decoding every step", len(z_s), max_gb
+            )
+            return False
+        chunks = [
+            bridge.decoder_prior(z_s[i : i + batch_size].to(device)).cpu() for i in range(0, len(z_s), batch_size)
+        ]
+        self.prior = torch.cat(chunks)
+        return True
 
 
 def build_cache(dataset, student: Space, teacher: Space, path: Path, key: str, batch_size: int, progress: bool):
@@ -358,6 +383,7 @@ def train(cfg: BridgeTrainConfig, run_dir: str | Path) -> Path:
     elif cfg.data.cache_latents:
         warn_ignored(cfg, "data.cache_latents", f"{len(dataset)} images > data.cache_max_images; encoding per batch")
     data = LatentSet(dataset, student, teacher, cached)
+    data.cache_prior(bridge, cfg.data.cache_prior_gb, cfg.data.encode_batch_size, device)
 
     # ---- optimiser, accelerate, the shared loop (resume, stats, checkpoints, progress) -----------------------------
     optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -374,12 +400,12 @@ def train(cfg: BridgeTrainConfig, run_dir: str | Path) -> Path:
         batch_gen = step_generator(cfg.train.seed, rank, step, stream="batch")
         indices = torch.randint(len(data), (cfg.train.batch_size,), generator=batch_gen)
         noise_gen = step_generator(cfg.train.seed, rank, step, device, stream="noise")
-        z_s, z_t, cond = data.batch(indices, device)
+        z_s, z_t, cond, prior = data.batch(indices, device)
         bridge.train()
         # `hold` keeps the Teacher's attention capture installed through backward (checkpointed recomputation).
         with contextlib.ExitStack() as hold:
             with accelerator.autocast():
-                z_hat = bridge(z_s)
+                z_hat = bridge(z_s, prior=prior)
                 loss, logs = bridge_loss(
                     z_hat, z_t, teacher, cond, cfg.loss, generator=noise_gen, layers=cfg.loss.layers, hold=hold
                 )
