@@ -5,11 +5,12 @@ resolution)``, ``ẑ_t = B_φ(z_s)``, and ``L_bridge = λ_rec L_rec + λ_attn L_
 :func:`crossdistill.losses.bridge.bridge_loss`. Both spaces are frozen; only the projector ``P_φ`` learns.
 
 Both VAEs and the Teacher's prompt encoder are frozen, so when the image set is small enough every latent pair and
-prompt embedding is computed once and cached to ``<run_dir>/cache/latents.safetensors``: a step then costs only the
-Bridge and (for the fidelity terms) two Teacher passes. The loop reads top to bottom:
-resume → (log → checkpoint → done? → step), with every random draw of a step from ``step_generator(seed, rank,
-step)`` so a resumed run continues exactly. ``accelerate launch`` runs it on several GPUs (each rank draws its own
-batch; only the main process writes).
+prompt embedding is computed once and cached to ``<run_dir>/cache/latents.safetensors`` (and, for
+``prior_projector``, the decoder prior ``D_s(z_s)`` is kept in memory): a step then costs only the projector and
+(for the fidelity terms) two Teacher passes. The loop around a step (resume, stats.jsonl, checkpoints, progress) is
+the shared :func:`crossdistill.train.runner.train_loop`; every random draw of a step comes from
+``step_generator(seed, rank, step)`` so a resumed run continues exactly. ``accelerate launch`` runs it on several
+GPUs (each rank draws its own batch; gradients are averaged by DDP; only the main process writes).
 """
 
 from __future__ import annotations
