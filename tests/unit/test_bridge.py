@@ -157,10 +157,9 @@ def test_loading_against_other_spaces_is_a_clear_error(tmp_path):
         Bridge.load(tmp_path, _space("sd15", 0, 2), teacher)
 
 
-@pytest.mark.parametrize("teacher_family", ["sd15", "sd3"])
-def test_gradient_checkpointed_teacher_gives_the_same_gradients(teacher_family):
+def test_gradient_checkpointed_teacher_gives_the_same_gradients():
     """The captured attention must survive the recomputation in backward (``hold`` keeps the capture installed)."""
-    student, teacher = _student(), _space(teacher_family, 1)
+    student, teacher = _student(), _space("sd3", 1)
     bridge = Bridge.build("projector_only", student, teacher, **SMALL)
     z_s, z_star = _latents(student), _latents(teacher, seed=3)
     cond = teacher.encode_prompts(["a red apple", "a blue cat"])
