@@ -134,6 +134,7 @@ def test_builtin_judge_scorers():
     pixels, _ = world.tensor_cache("all", 32)
     prompts = [i.caption for i in items]
     scores = get_scorer("judge", judge=judge, world=world)(pixels[:4], prompts)
+    np.testing.assert_array_equal(get_scorer("judge", judge=judge)(pixels[:4], prompts), scores)  # world rebuilt
     expected = judge_accuracy(judge, pixels[:4], items)["joint"]
     assert scores.shape == (4,) and scores.mean() == pytest.approx(expected)
     feats = get_scorer("judge_features", judge=judge)(pixels[:4], prompts)

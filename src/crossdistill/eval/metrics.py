@@ -234,8 +234,12 @@ class JudgeScorer:
 
     def __init__(self, judge: Judge | str, world: EmojiWorld | None = None):
         self.judge = _load_judge(judge)
-        self.world = world or EmojiWorld(styles=self.judge.config.styles)
-        if list(self.world.emoji) != list(self.judge.config.emoji or self.world.emoji):
+        vocabulary = self.judge.config.emoji
+        # The world's subset of emoji is a deterministic function of its size, so the judge's is rebuilt from it.
+        self.world = world or EmojiWorld(
+            num_emoji=len(vocabulary) if vocabulary else None, styles=self.judge.config.styles
+        )
+        if vocabulary is not None and list(self.world.emoji) != list(vocabulary):
             raise ConfigError("the judge was trained on another emoji vocabulary than this world's")
 
     def __call__(self, images: Tensor, prompts: list[str]) -> np.ndarray:
