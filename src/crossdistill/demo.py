@@ -85,6 +85,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--out", help="run folder (default: runs/demo-YYYYmmdd-HHMMSS)")
+    parser.add_argument(
+        "--plan-only", action="store_true", help="probe, print the plan and stop (rerun with the same --out to go on)"
+    )
 
 
 # The evaluated models, in table order.
@@ -261,16 +264,20 @@ def verdict(results: dict[str, dict], names: dict[str, str]) -> list[str]:
             continue
         c, s = cross[metric], shared[metric]
         diff = c["mean"] - s["mean"]
-        better = diff < 0 if lower_is_better(metric) else diff > 0
-        spread = c["std"] + s["std"]
-        clear = abs(diff) > spread
         total += 1
+        if abs(diff) <= 1e-9 * max(1.0, abs(s["mean"])):
+            lines.append(f"- {metric}: cross-space and shared-space tie at {c['mean']:.3f}.")
+            continue
+        better = diff < 0 if lower_is_better(metric) else diff > 0
         wins += better
-        word = "ahead" if better else "behind"
-        certainty = "beyond" if clear else "within"
+        spread = c["std"] + s["std"]
+        if min(c.get("n", 1), s.get("n", 1)) < 2:
+            certainty = "one seed: no spread to judge the difference by"
+        else:
+            certainty = f"{'beyond' if abs(diff) > spread else 'within'} the seed spread of {spread:.3f}"
         lines.append(
-            f"- {metric}: cross-space {c['mean']:.3f} vs shared-space {s['mean']:.3f} → cross-space is {word} "
-            f"({certainty} the seed spread of {spread:.3f})."
+            f"- {metric}: cross-space {c['mean']:.3f} vs shared-space {s['mean']:.3f} → cross-space is "
+            f"{'ahead' if better else 'behind'} ({certainty})."
         )
     head = f"Cross-space is ahead of shared-space on {wins} of {total} quality metrics."
     if "acc/joint" in cross:
@@ -321,6 +328,8 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(["stage", "what", "estimate"], [(s, w, f"{t:.0f} s") for s, w, t in rows]))
     probed = time.perf_counter() - started
     print(f"≈ {estimate / 60:.1f} min from now (loading and probing took {probed:.0f} s)\n", flush=True)
+    if args.plan_only:
+        return 0
 
     bridge = run / "bridge" / "bridge"
     commands = {
@@ -355,9 +364,6 @@ def run(args: argparse.Namespace) -> int:
     report.heading("Metrics")
     files = run / "report_files"
     add_comparison(report, list(folders.values()), files, list(NAMES.values()))
-    curves = {NAMES[f"{k}_one"]: read_stats(run / k) for k in ("cross", "shared")}
-    if plot_loss_curves(curves, files / "distill_loss.png", smooth=5):
-        report.heading("Distillation curves").image(files.resolve() / "distill_loss.png", "cross- vs shared-space")
     if plot_loss_curves({"Bridge": read_stats(run / "bridge")}, files / "bridge_loss.png", smooth=5):
         report.heading("Bridge training").image(files.resolve() / "bridge_loss.png", "stage-1 Bridge losses")
     total = time.perf_counter() - started

@@ -48,6 +48,8 @@ def test_verdict_says_when_cross_space_is_behind():
     lines = verdict(_results(teacher=0.9, shared=0.6, cross=0.595, fd_shared=3.0, fd_cross=5.0), NAMES)
     assert lines[0].startswith("Cross-space is ahead of shared-space on 0 of 2 quality metrics.")
     assert any("acc/joint" in line and "behind (within" in line for line in lines)  # a 0.005 dip is noise
+    tie = verdict(_results(teacher=0.9, shared=0.6, cross=0.6, fd_shared=3.0, fd_cross=3.0), NAMES)
+    assert tie[0].startswith("Cross-space is ahead of shared-space on 0 of 2") and "tie at 0.600" in tie[1]
     assert "closes -2% of the gap" in lines[0]
 
 

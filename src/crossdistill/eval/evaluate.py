@@ -393,7 +393,7 @@ def add_comparison(
     # Absolute image paths: the report may live in another folder than `out` (Report.write makes them relative).
     out = out.resolve()
     plot_metric_bars(summaries, out / "bars.png", metric_names)
-    report.heading("Metrics").image(out / "bars.png", "one bar per model; error bars: spread over seeds")
+    report.heading("Metric bars").image(out / "bars.png", "one bar per model; error bars: spread over seeds")
 
     sample_dirs = [Path(r["folder"]) / SAMPLES_DIR for r in results]
     prompt_lists = [(Path(r["folder"]) / "prompts.txt").read_text(encoding="utf-8").splitlines() for r in results]
