@@ -57,7 +57,7 @@ def test_identity_across_spaces_is_a_clear_cli_error(tmp_path, capsys):
     assert "identity bridge needs one shared latent space" in capsys.readouterr().err
 
 
-def test_report_compares_bridges_and_marks_identity_na(tmp_path):
+def test_report_compares_bridges_marks_identity_na_and_refuses_other_spaces(tmp_path, capsys):
     run = tmp_path / "run"
     _train(run, "--set", "train.max_steps=2")
     out = tmp_path / "report"
@@ -76,12 +76,16 @@ def test_report_compares_bridges_and_marks_identity_na(tmp_path):
     assert "| pp | prior_projector |" in text and "identity: n/a" in text
     assert (out / "bridge_grid.png").stat().st_size > 0
 
-
-def test_report_refuses_a_bridge_of_other_spaces(tmp_path, capsys):
-    run = tmp_path / "run"
-    _train(run, "--set", "train.max_steps=1")
-    argv = ["bridge", "report", "--bridge", str(run / "bridge"), "--out", str(tmp_path / "r"), *TINY]
-    assert main([*argv, "--set", "model.teacher_family=sd15"]) == 2
+    other_teacher = [
+        "--bridge",
+        str(run / "bridge"),
+        "--out",
+        str(tmp_path / "r"),
+        *TINY,
+        "--set",
+        "model.teacher_family=sd15",
+    ]
+    assert main(["bridge", "report", *other_teacher]) == 2
     assert "built for another Teacher space" in capsys.readouterr().err
 
 
