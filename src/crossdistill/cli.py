@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bridge": ("crossdistill.bridge.cli", "train a Bridge into the Teacher's latent space, or report on Bridges"),
     "toy": ("crossdistill.toy.cli", "build or inspect the emoji world's shipped models"),
     "evaluate": ("crossdistill.eval.cli", "evaluate a model (metrics, grids, latency) or compare evaluations"),
-    "demo": ("crossdistill.demo", "the whole method on the emoji world: Bridge, two distillations, evaluation, report"),
+    "demo": ("crossdistill.demo", "the whole method on the emoji world: Bridge, two distillations, evaluation"),
 }
 
 
