@@ -1,13 +1,14 @@
 """The ``crossdistill`` command line: one subcommand per job, each living beside the code it drives.
 
 Each entry of :data:`COMMANDS` names a module that defines ``configure(parser)`` and ``run(args) -> int``.
-Modules are imported lazily so ``crossdistill --help`` stays fast and one broken extra cannot hide the rest.
+Only the chosen subcommand's module is imported, so ``crossdistill --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from crossdistill import __version__
@@ -26,7 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (the others' sub-parsers carry just their help line)."""
     parser = argparse.ArgumentParser(
         prog="crossdistill",
         description="Distil a Teacher from another latent space (SD3.5, FLUX, SDXL) into a one-step Student "
@@ -37,12 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).configure(p)
+        if name == command:
+            importlib.import_module(module).configure(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    # transformers warns at import about optional image backends (torchvision) this tool never uses.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
