@@ -24,7 +24,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from crossdistill.errors import ModelLoadError, SpaceMismatchError
+from crossdistill.errors import ConfigError, ModelLoadError, SpaceMismatchError
 from crossdistill.models.base import Space
 
 BRIDGE_KINDS = ("prior_projector", "projector_only", "decode_encode", "identity")
@@ -57,7 +57,10 @@ def _resampler(in_ch: int, out_ch: int, in_size: int, out_size: int) -> nn.Modul
     if in_size > out_size:
         stride = in_size // out_size
         if in_size % out_size:
-            raise ValueError(f"bridge: grid {in_size} is not a multiple of the Teacher latent grid {out_size}")
+            raise ConfigError(
+                f"bridge: the Student grid {in_size} is not a multiple of the Teacher latent grid {out_size}; "
+                "choose resolutions whose ratio is a whole number (e.g. 512 px Student, 1024 px Teacher)"
+            )
         # Powers of two become a chain of stride-2 convs (smoother than one big-kernel conv); others one conv.
         if stride & (stride - 1) == 0:
             for _ in range(int(math.log2(stride))):
@@ -68,7 +71,10 @@ def _resampler(in_ch: int, out_ch: int, in_size: int, out_size: int) -> nn.Modul
             ch = out_ch
     elif in_size < out_size:
         if out_size % in_size:
-            raise ValueError(f"bridge: Teacher latent grid {out_size} is not a multiple of {in_size}")
+            raise ConfigError(
+                f"bridge: the Teacher latent grid {out_size} is not a multiple of the Student grid {in_size}; "
+                "choose resolutions whose ratio is a whole number"
+            )
         layers += [nn.Upsample(scale_factor=out_size // in_size, mode="nearest")]
     layers += [nn.Conv2d(ch, out_ch, 3, padding=1)]
     return nn.Sequential(*layers)

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from crossdistill.errors import ConfigError
+
 # --------------------------------------------------------------------------------------------------------------------
 # Prompt conditioning
 
@@ -248,15 +250,18 @@ class Space(nn.Module):
         self.denoiser = denoiser
         self.prompt_encoder = prompt_encoder
         self.resolution = int(resolution)
+        self.latent_shape  # noqa: B018 - validates the resolution against the VAE factor now, not mid-training
 
     # ---- geometry --------------------------------------------------------------------------------------------------
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """``(C, h, w)`` of one normalised latent at this space's resolution."""
         f = self.codec.downsample
-        if self.resolution % f:
-            raise ValueError(
-                f"resolution {self.resolution} is not a multiple of the VAE factor {f}: use a multiple of {f}"
+        if self.resolution % f or self.resolution <= 0:
+            lo, hi = max(f, self.resolution // f * f), (self.resolution // f + 1) * f
+            raise ConfigError(
+                f"{self.family}: resolution {self.resolution} is not a multiple of the VAE factor {f}; "
+                f"use {lo} or {hi}"
             )
         return (self.codec.latent_channels, self.resolution // f, self.resolution // f)
 
