@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from crossdistill.bridge.model import Bridge
-from crossdistill.bridge.train import collate, encode_pairs, resize
+from crossdistill.bridge.train import collate, encode_pairs, evenly_spaced, resize
 from crossdistill.config import atomic_write_text
 from crossdistill.errors import SpaceMismatchError
 from crossdistill.eval.report import Report, image_grid, to_uint8
@@ -86,9 +86,10 @@ def evaluate(
     layers: Sequence[str] | None = None,
     seed: int = 0,
 ) -> tuple[dict, Image.Image]:
-    """Metrics of every available candidate on the first ``num_images`` of ``dataset``, and the image grid."""
+    """Metrics of every available candidate on ``num_images`` of ``dataset`` (spread evenly), and the image grid."""
     device = next(teacher.codec.parameters()).device
     n = min(num_images, len(dataset))
+    dataset = evenly_spaced(dataset, n)
     live = [c for c in candidates if c.bridge is not None]
     sums: dict[str, dict[str, float]] = {c.name: {} for c in live}
     reference = {"teacher_vae_psnr": 0.0, "student_vae_psnr": 0.0}

@@ -74,7 +74,7 @@ class DataConfig:
     path: str | None = None  # image folder or .parquet of captioned images (source=images)
     held_out_path: str | None = None  # held-out images for `bridge report` (source=images)
     num_emoji: int | None = None  # emoji world: keep this many emoji (None: all)
-    max_images: int | None = None  # use at most this many training images (None: all)
+    max_images: int | None = None  # use at most this many training images, spread evenly over the set (None: all)
     cache_latents: bool = True  # encode every image and prompt once, to <run_dir>/cache (when the set is small)
     cache_max_images: int = 20000  # above this many images, encode each batch on the fly instead
     cache_prior_gb: float = 2.0  # prior_projector: keep D_s(z_s) of every cached latent in memory up to this size
@@ -243,8 +243,13 @@ def image_dataset(cfg: DataConfig, resolution: int, split: str, world=None):
             raise ConfigError(f"data.source=images needs {key}: an image folder or a .parquet of captioned images")
         dataset = ImageDataset(path, resolution=resolution)
     if cfg.max_images is not None and split == "train" and len(dataset) > cfg.max_images:
-        dataset = torch.utils.data.Subset(dataset, range(cfg.max_images))
+        dataset = evenly_spaced(dataset, cfg.max_images)
     return dataset
+
+
+def evenly_spaced(dataset, n: int):
+    """``n`` items spread over the whole set (image sets are often sorted, e.g. the emoji world by codepoint)."""
+    return torch.utils.data.Subset(dataset, torch.linspace(0, len(dataset) - 1, n).round().long().tolist())
 
 
 def collate(dataset, indices: list[int]) -> tuple[Tensor, list[str]]:
