@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from crossdistill.bridge.model import TRAINABLE_KINDS, Bridge
 from crossdistill.config import config_hash, prepare_run_dir, warn_ignored
+from crossdistill.data.images import ImageDataset, read_prompts
 from crossdistill.errors import ConfigError, DataError
 from crossdistill.eval.report import tensor_grid
 from crossdistill.losses.bridge import reconstruction_loss
@@ -259,26 +260,17 @@ def _emoji_world():
 
 
 def load_prompts(spec: str) -> list[str]:
-    """Training prompts: ``"emoji:SPLIT"`` (the shipped world's captions) or a text file, one prompt per line."""
+    """Training prompts: ``"emoji:SPLIT"`` (the shipped world's captions) or a prompt file (.txt / .jsonl)."""
     if not spec:
         raise DataError("no prompts given: --set data.prompts=FILE (one prompt per line) or data.prompts=emoji:train")
     if spec.startswith("emoji:"):
-        prompts = _emoji_world().prompts(spec.partition(":")[2])
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise DataError(f"prompt file {path} does not exist (one prompt per line, or use emoji:train)")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise DataError(f"no prompts in {spec!r}")
-    return prompts
+        return _emoji_world().prompts(spec.partition(":")[2])
+    return read_prompts(spec)
 
 
 def load_real_images(spec: str, resolution: int, limit: int) -> tuple[Tensor, list[str]]:
-    """Real images ``[N, 3, R, R]`` in [-1, 1] with their captions: ``"emoji:SPLIT"`` or a folder of images each
-    with a same-named ``.txt`` caption. Unreadable images are skipped and counted."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Real images ``[N, 3, R, R]`` in [-1, 1] with their captions: ``"emoji:SPLIT"`` or any captioned image set
+    :class:`~crossdistill.data.images.ImageDataset` reads (folder, metadata.jsonl, parquet; corrupt files counted)."""
     from crossdistill.data.emoji import uint8_to_unit
 
     if spec.startswith("emoji:"):
@@ -286,24 +278,9 @@ def load_real_images(spec: str, resolution: int, limit: int) -> tuple[Tensor, li
         split = spec.partition(":")[2]
         pixels, _ = world.tensor_cache(split, resolution)
         return uint8_to_unit(pixels[:limit]), world.prompts(split)[:limit]
-    folder = Path(spec)
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))[:limit]
-    images, captions, skipped = [], [], 0
-    for f in files:
-        caption = f.with_suffix(".txt")
-        try:
-            image = Image.open(f).convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS)
-        except (OSError, UnidentifiedImageError):
-            skipped += 1
-            continue
-        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-        images.append(uint8_to_unit(array.permute(2, 0, 1)))
-        captions.append(caption.read_text(encoding="utf-8").strip() if caption.is_file() else "")
-    if skipped:
-        logger.warning("skipped %d unreadable images in %s", skipped, folder)
-    if not images:
-        raise DataError(f"no readable images in {folder} (png/jpg/webp, each with a .txt caption)")
-    return torch.stack(images), captions
+    data = ImageDataset(spec, resolution=resolution)
+    items = [data[i] for i in range(min(limit, len(data)))]
+    return torch.stack([it["pixels"] for it in items]), [it["caption"] for it in items]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
