@@ -50,41 +50,10 @@ from common import (
     time_ms,
     write_report,
 )
+from crossdistill.bridge.model import Projector
 
 SQRT_AB, SQRT_1M_AB = 0.00466**0.5, (1 - 0.00466) ** 0.5  # SD 1.5's ᾱ at t = 999 (see export/fast.py)
 SD15_SCALE = 0.18215
-
-
-class BenchProjector(nn.Module):
-    """Stand-in for the Bridge projector P_φ (DESIGN.md §2): decoded image → Teacher latent, total stride 4.
-
-    A strided stem and a few residual conv blocks, as the design describes; the real one lives in
-    ``crossdistill.bridge`` and may differ in width, which changes its (small) share here.
-    """
-
-    def __init__(self, out_channels: int = 16, width: int = 128, num_blocks: int = 2, groups: int = 32) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, width // 2, 3, stride=2, padding=1), nn.SiLU(), nn.Conv2d(width // 2, width, 3, 2, 1)
-        )
-        self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.GroupNorm(groups, width),
-                nn.SiLU(),
-                nn.Conv2d(width, width, 3, padding=1),
-                nn.GroupNorm(groups, width),
-                nn.SiLU(),
-                nn.Conv2d(width, width, 3, padding=1),
-            )  # fmt: skip
-            for _ in range(num_blocks)
-        )
-        self.out = nn.Conv2d(width, out_channels, 1)
-
-    def forward(self, image: Tensor) -> Tensor:
-        h = self.stem(image)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.out(h)
 
 
 class Setup:
@@ -109,8 +78,9 @@ class Setup:
         vae.encoder = None  # the Bridge only decodes
         return vae.requires_grad_(False).eval()
 
-    def projector(self) -> BenchProjector:
-        p = BenchProjector(width=32 if self.tiny else 128, groups=8 if self.tiny else 32)
+    def projector(self) -> Projector:
+        # The real Bridge projector P_φ: decoded 512 px image → 128×128×16 Teacher latent grid (total stride 4).
+        p = Projector(3, 16, in_size=512, out_size=128, hidden=32 if self.tiny else 128, num_blocks=4)
         return p.to(self.device, self.dtype)
 
     def sd3(self) -> SD3Transformer2DModel:
