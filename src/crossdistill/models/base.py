@@ -15,12 +15,15 @@ Conventions, fixed for every family:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from crossdistill.errors import ConfigError
@@ -73,10 +76,49 @@ class PromptEncoder(nn.Module, ABC):
         """Encode a batch of prompts (the empty string is the unconditional prompt for CFG)."""
 
     @torch.no_grad()
-    def encode_cached(self, prompts: Sequence[str], batch_size: int = 64) -> PromptEmbeds:
-        """Encode many prompts in batches without gradients (for precomputing a cache)."""
-        chunks = [self.encode(list(prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)]
-        return PromptEmbeds.cat(chunks)
+    def encode_cached(self, prompts: Sequence[str], batch_size: int = 256, cache: bool = True) -> PromptEmbeds:
+        """Encode many prompts in batches without gradients, through an on-disk cache.
+
+        Prompt sets are re-encoded by every job of a project (Bridge, each distillation, evaluation); the cache
+        keys them by :meth:`fingerprint` and the prompt list, under ``$CROSSDISTILL_CACHE`` (default
+        ``~/.cache/crossdistill``). ``CROSSDISTILL_NO_CACHE=1`` or ``cache=False`` turns it off."""
+        prompts = list(prompts)
+        path = _prompt_cache_path(self, prompts) if cache and os.environ.get("CROSSDISTILL_NO_CACHE") != "1" else None
+        if path is not None and path.is_file():
+            try:
+                device = next(self.parameters(), torch.empty(0)).device
+                return PromptEmbeds(load_file(path, device=str(device)))
+            except Exception:  # a torn or foreign file is re-made, never trusted
+                path.unlink(missing_ok=True)
+        chunks = [self.encode(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+        embeds = PromptEmbeds.cat(chunks)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({k: v.contiguous().cpu() for k, v in embeds.tensors.items()}, tmp)
+            os.replace(tmp, path)  # atomic: a killed job leaves no half-written cache entry
+        return embeds
+
+    def fingerprint(self) -> str:
+        """Identity of this encoder for caching: its class, component configs and a checksum of its weights."""
+        h = hashlib.sha256(type(self).__qualname__.encode())
+        for name, module in sorted(self.named_children()):
+            config = getattr(module, "config", None)
+            h.update(name.encode())
+            h.update(repr(config.to_dict() if hasattr(config, "to_dict") else config).encode())
+        for name, p in sorted(self.named_parameters()):
+            h.update(f"{name}{tuple(p.shape)}{p.detach().double().sum().item():.12e}".encode())
+        for name in sorted(vars(self)):
+            tok = getattr(self, name)
+            if hasattr(tok, "model_max_length"):  # tokenizers: their vocabulary size and length limit
+                h.update(f"{name}{len(tok)}{tok.model_max_length}".encode())
+        return h.hexdigest()[:32]
+
+
+def _prompt_cache_path(encoder: PromptEncoder, prompts: list[str]) -> Path:
+    root = Path(os.environ.get("CROSSDISTILL_CACHE") or Path.home() / ".cache" / "crossdistill") / "prompts"
+    key = hashlib.sha256((encoder.fingerprint() + "\0" + "\0".join(prompts)).encode()).hexdigest()[:40]
+    return root / f"{key}.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------------------------
