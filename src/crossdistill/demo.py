@@ -36,6 +36,7 @@ from crossdistill.errors import ConfigError
 class DemoBudget:
     bridge_steps: int  # Bridge training steps
     bridge_batch: int  # images per Bridge step
+    bridge_images: int  # training images encoded for the Bridge (spread over the train split)
     distill_steps: int  # steps of EACH distill run (cross-space and shared-space get the same)
     distill_batch: int  # prompts per distill step
     eval_prompts: int  # held-out prompts per evaluation (spread evenly over the split)
@@ -51,6 +52,7 @@ BUDGETS: dict[str, DemoBudget] = {
     "default": DemoBudget(
         bridge_steps=40,
         bridge_batch=8,
+        bridge_images=1024,
         distill_steps=60,
         distill_batch=4,
         eval_prompts=32,
@@ -61,6 +63,7 @@ BUDGETS: dict[str, DemoBudget] = {
     "tiny": DemoBudget(
         bridge_steps=2,
         bridge_batch=4,
+        bridge_images=64,
         distill_steps=2,
         distill_batch=2,
         eval_prompts=4,
@@ -115,7 +118,7 @@ def bridge_command(run: Path, budget: DemoBudget, steps: int) -> list[str]:
     return [
         "bridge", "train", "--preset", "emoji", "--run-dir", str(run / "bridge"),
         "--set", f"train.max_steps={steps}", "--set", f"train.batch_size={budget.bridge_batch}",
-        "--set", f"checkpoint.every={budget.bridge_steps}",
+        "--set", f"checkpoint.every={budget.bridge_steps}", "--set", f"data.max_images={budget.bridge_images}",
     ]  # fmt: skip
 
 

@@ -174,10 +174,10 @@ def preset_tiny() -> BridgeTrainConfig:
 
 PRESETS = {
     "emoji": preset_emoji,
-    "sd15-sd35-medium": preset_sd15_sd35,
-    "sd15-sd35-large": preset_sd15_sd35,
-    "sd15-flux-dev": preset_sd15_flux,
-    "sd15-sdxl": preset_sd15_sdxl,
+    "sd15_from_sd35_medium": preset_sd15_sd35,
+    "sd15_from_sd35_large": preset_sd15_sd35,
+    "sd15_from_flux_dev": preset_sd15_flux,
+    "sd15_from_sdxl": preset_sd15_sdxl,
     "tiny": preset_tiny,
 }
 
