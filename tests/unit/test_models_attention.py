@@ -8,13 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from crossdistill.models import get_family
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def _inputs(space, prompts=("a red cat", "a blue dog")):

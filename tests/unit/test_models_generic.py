@@ -16,11 +16,8 @@ PROMPTS = ["a grinning face on a yellow background", "a red heart", ""]
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a busy machine
-    yield GenericTextEncoder.minilm(max_length=32)
-    torch.set_num_threads(before)
+def minilm(one_thread):
+    return GenericTextEncoder.minilm(max_length=32)
 
 
 def test_minilm_hidden_states_and_masked_mean_pooling(minilm):

@@ -10,13 +10,7 @@ from diffusers import FluxPipeline
 from crossdistill.models import get_family
 from crossdistill.models.flux import flux_shift, image_ids, pack, unpack
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def _record_backbone_kwargs(denoiser, monkeypatch) -> dict:
