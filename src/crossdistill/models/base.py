@@ -100,14 +100,24 @@ class PromptEncoder(nn.Module, ABC):
         return embeds
 
     def fingerprint(self) -> str:
-        """Identity of this encoder for caching: its class, component configs and a checksum of its weights."""
+        """Identity of this encoder for caching: its class, component configs and a checksum of its weights.
+
+        The weight checksum reads every parameter, so it is remembered until a parameter is written to in place
+        (its version counter moves) or replaced; a job calls this once per prompt set."""
+        params = sorted(self.named_parameters())
+        versions = tuple((name, p.data_ptr(), p._version) for name, p in params)
+        memo = getattr(self, "_weights_digest", None)
+        if memo is None or memo[0] != versions:
+            w = hashlib.sha256()
+            for name, p in params:
+                w.update(f"{name}{tuple(p.shape)}{p.detach().sum(dtype=torch.float64).item():.12e}".encode())
+            memo = self._weights_digest = (versions, w.hexdigest())
         h = hashlib.sha256(type(self).__qualname__.encode())
         for name, module in sorted(self.named_children()):
             config = getattr(module, "config", None)
             h.update(name.encode())
             h.update(repr(config.to_dict() if hasattr(config, "to_dict") else config).encode())
-        for name, p in sorted(self.named_parameters()):
-            h.update(f"{name}{tuple(p.shape)}{p.detach().double().sum().item():.12e}".encode())
+        h.update(memo[1].encode())
         for name in sorted(vars(self)):
             tok = getattr(self, name)
             if hasattr(tok, "model_max_length"):  # tokenizers: their vocabulary size and length limit
