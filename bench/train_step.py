@@ -1,32 +1,37 @@
-"""Benchmark: what a cross-space DMD2 training step costs, component by component, at real architecture sizes.
+"""Benchmark: what a DMD2 training step costs at real architecture sizes, and what each speed option buys.
 
-The distillation trainer (src/crossdistill/train/distill.py) is measured once it exists; until then this script
-composes the same step from the real model classes with random weights, so the numbers show where time, FLOPs
-and memory go:
+The step is composed from the real model classes with random weights (speed does not depend on weight values) and
+the trainer's own speed options (crossdistill.train.perf: regional compile, fused AdamW, LoRA fake score):
 
-1. components: SD3.5-Medium MMDiT fwd and fwd+bwd at 1024 px; SD 1.5 UNet fwd+bwd at 512 px; the Bridge
-   (frozen SD 1.5 VAE decoder fwd+bwd to its input, plus a small conv projector);
-2. one cross-space DMD2 step SD 1.5 (512 px) ← SD3.5-Medium (1024 px): generator update (UNet → x0 → decoder →
-   projector → real score with CFG, fake score, DM loss, backward, AdamW) + one critic update (fake score
-   fwd+bwd, AdamW), timed phase by phase, eager and with torch.compile;
-3. SD 1.5 ← FLUX.1-dev at 1024 px batch 1 on one GPU: one base transformer serves as real score (adapter off)
-   and, with a LoRA, as fake score (gradient checkpointing): peak memory and phase times.
+1. step: one cross-space DMD2 step SD 1.5 (512 px) <- SD3.5-Medium (1024 px): generator update (UNet -> x0 ->
+   frozen decoder -> projector -> real score with CFG, fake score, DM loss, backward, AdamW) + one critic update
+   (fake score fwd+bwd, AdamW), timed phase by phase; variants eager / fused AdamW / compiled / batch 4 with a
+   LoRA fake score, beside the same-space SD 1.5 DMD2 step (the shared-space baseline);
+2. flux: SD 1.5 <- FLUX.1-dev at 1024 px batch 1 on one GPU: one base transformer serves as real score (adapter
+   off) and, with a LoRA, as fake score (gradient checkpointing): peak memory and update times;
+3. ddp: the step under ``accelerate launch`` (DDP over generator and fake score); bench/train_scaling.py runs it on
+   1 and N GPUs and reports the scaling;
+4. components (opt-in): each model pass alone, fwd and fwd+bwd.
 
-FLOPs are counted with torch's FlopCounterMode; MFU is over the bf16 matmul rate measured in the same run.
+FLOPs are counted with torch's FlopCounterMode on the eager step; MFU is over the bf16 matmul rate measured in the
+same run.
 
-    PYTHONUNBUFFERED=1 python bench/train_step.py --out $OUT       # GPU, real sizes (components, step, flux)
-    PYTHONUNBUFFERED=1 python bench/train_step.py --parts step compile --budget-s 580 --out $OUT   # + compiled
-    python bench/train_step.py --tiny --out /tmp/bench              # CPU smoke test, tiny configs
+    PYTHONUNBUFFERED=1 python bench/train_step.py --out $OUT              # GPU, real sizes: step variants, flux
+    python bench/train_step.py --tiny --out /tmp/bench                     # CPU smoke test, tiny configs
+    accelerate launch --cpu --num_processes 2 bench/train_step.py --tiny --parts ddp --out /tmp/bench   # DDP smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import gc
 import sys
+import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,10 +52,13 @@ from common import (
     sd15_unet_config,
     sd15_vae_config,
     sd35_medium_config,
+    sync,
     time_ms,
     write_report,
 )
 from crossdistill.bridge.model import Projector
+from crossdistill.train.distill import LORA_TARGETS
+from crossdistill.train.perf import compile_blocks, make_adamw
 
 SQRT_AB, SQRT_1M_AB = 0.00466**0.5, (1 - 0.00466) ** 0.5  # SD 1.5's ᾱ at t = 999 (see export/fast.py)
 SD15_SCALE = 0.18215
@@ -175,12 +183,37 @@ def components(setup: Setup, clock: Clock, sd3_batches: list[int], student_batch
     return rows + bridge_components(setup, clock, student_batch)
 
 
-class CrossSpaceStep:
-    """One DMD2 step, SD 1.5 generator ← SD3.5-Medium Teacher through the Bridge, with device events per phase.
+@dataclass(frozen=True)
+class StepOptions:
+    """One variant of the composed DMD2 step: the trainer's speed options (crossdistill.train.perf) and its shape."""
 
-    Generator update: ``z_s = G(noise)``, ``ẑ_t = P(D(z_s))``, flow-matching noise at τ, real score with CFG
-    (two batches), fake score, ``g = (μ_fake − μ_real) / mean|ẑ_t − μ_real|``, ``L = ½‖ẑ_t − sg(ẑ_t − g)‖²``,
-    backward into the UNet, AdamW. Critic update: the fake score's flow-matching loss on ``sg(ẑ_t)``, AdamW.
+    teacher: str = "sd35m"  # "sd35m": SD3.5-Medium at 1024 px through the Bridge; "sd15": same-space SD 1.5 DMD2
+    batch: int = 2
+    compile: bool = False  # regional torch.compile of every repeated block (perf.compile_blocks)
+    fused_adamw: bool = False  # fused single-kernel AdamW (perf.make_adamw); off = foreach
+    fake: str = "copy"  # fake score: a full copy of the Teacher, or "lora" on the shared Teacher base
+    lora_rank: int = 64
+
+    @property
+    def name(self) -> str:
+        what = "SD1.5 (512) <- SD3.5-M (1024)" if self.teacher == "sd35m" else "SD1.5 (512) <- SD1.5 (512), same space"
+        opts = ["compiled" if self.compile else "eager", "fused AdamW" if self.fused_adamw else "foreach AdamW"]
+        if self.fake == "lora":
+            opts.append(f"LoRA r{self.lora_rank} fake score")
+        return f"DMD2 step {what}, b{self.batch}, {', '.join(opts)}"
+
+
+class DMD2Step:
+    """One DMD2 step (one generator update + one critic update) composed from the real model classes.
+
+    Cross-space (``teacher="sd35m"``): ``z_s = G(noise)``, ``ẑ_t = P(D(z_s))`` (frozen SD 1.5 decoder + projector),
+    flow-matching noise at τ, real score with CFG (two batches), fake score,
+    ``g = (μ_fake − μ_real) / mean|ẑ_t − μ_real|``, ``L = ½‖ẑ_t − sg(ẑ_t − g)‖²``, backward into the UNet, AdamW;
+    critic update: the fake score's flow-matching loss on ``sg(ẑ_t)``, AdamW. Same-space (``teacher="sd15"``):
+    the same with SD 1.5 UNets as real and fake score and no Bridge (ε-prediction, DDPM time).
+
+    With an ``accelerator`` (``accelerate launch``), the generator and the fake score are wrapped by
+    ``accelerator.prepare`` (DDP), as in the trainer; the frozen real score is not.
     """
 
     PHASES = (
@@ -188,20 +221,50 @@ class CrossSpaceStep:
         "generator bwd", "generator AdamW", "critic fwd+bwd", "critic AdamW",
     )  # fmt: skip
 
-    def __init__(self, setup: Setup, batch: int, compile_models: bool, cfg_scale: float = 4.5) -> None:
-        self.setup, self.batch, self.cfg_scale = setup, batch, cfg_scale
-        self.gen, self.vae, self.proj = setup.unet(), setup.decoder(), setup.projector().requires_grad_(False)
-        self.real, self.fake = setup.sd3().requires_grad_(False), setup.sd3()
-        if compile_models:
-            for m in (self.gen, self.vae.decoder, self.proj, self.real, self.fake):
-                m.compile()
-        # foreach AdamW over bf16 params: optimizer states in bf16 too (the trainer may keep fp32 masters).
-        self.opt_g = torch.optim.AdamW(self.gen.parameters(), lr=1e-6, foreach=True)
-        self.opt_f = torch.optim.AdamW(self.fake.parameters(), lr=1e-6, foreach=True)
-        self.noise, self.emb = setup.unet_inputs(batch)
-        self.cond, self.uncond = setup.sd3_cond(batch), setup.sd3_cond(batch)
+    def __init__(self, setup: Setup, opts: StepOptions, cfg_scale: float = 4.5, accelerator=None) -> None:
+        self.setup, self.opts, self.cfg_scale, self.batch = setup, opts, cfg_scale, opts.batch
+        b = opts.batch
+        self.gen = setup.unet()
+        self.cross = opts.teacher == "sd35m"
+        if self.cross:
+            self.vae, self.proj = setup.decoder(), setup.projector().requires_grad_(False)
+            self.real = setup.sd3().requires_grad_(False)
+            self.cond, self.uncond = setup.sd3_cond(b), setup.sd3_cond(b)
+        else:
+            self.vae = self.proj = None
+            self.real = setup.unet().requires_grad_(False)
+            self.cond = {"encoder_hidden_states": setup.unet_inputs(b)[1]}
+            self.uncond = {"encoder_hidden_states": setup.unet_inputs(b)[1]}
+        if opts.fake == "lora":
+            from peft import LoraConfig
+
+            names = {n.rsplit(".", 1)[-1] for n, _ in self.real.named_modules()} | {"to_out.0"}
+            targets = [t for t in LORA_TARGETS if t in names]
+            self.real.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_rank, target_modules=targets))
+            self.fake = self.real
+        else:
+            self.fake = copy.deepcopy(self.real).requires_grad_(True)
+        if opts.compile:
+            modules = [self.gen, self.real] + ([] if self.fake is self.real else [self.fake])
+            modules += [self.vae.decoder, self.proj] if self.cross else []
+            self.compiled_blocks = sum(compile_blocks(m) for m in modules)
+        # bf16 params and bf16 optimizer states (the trainer keeps fp32 masters under mixed precision).
+        fake_params = [p for p in self.fake.parameters() if p.requires_grad]
+        self.opt_g = make_adamw(self.gen.parameters(), lr=1e-6, weight_decay=0.01, fused=opts.fused_adamw)
+        self.opt_f = make_adamw(fake_params, lr=1e-6, weight_decay=0.01, fused=opts.fused_adamw)
+        if not opts.fused_adamw:  # the baseline: torch's multi-tensor update, also on CPU
+            for opt in (self.opt_g, self.opt_f):
+                opt.defaults["foreach"] = True
+                for group in opt.param_groups:
+                    group["foreach"] = True
+        self.gen_call, self.fake_call = self.gen, self.fake
+        if accelerator is not None:
+            self.gen_call, self.opt_g = accelerator.prepare(self.gen, self.opt_g)
+            if self.fake is not self.real:
+                self.fake_call, self.opt_f = accelerator.prepare(self.fake, self.opt_f)
+        self.noise, self.emb = setup.unet_inputs(b)
         self.both = {k: torch.cat([self.cond[k], self.uncond[k]]) for k in self.cond}
-        self.t = torch.full((batch,), 999, device=setup.device)
+        self.t = torch.full((b,), 999, device=setup.device)
         self.events: list = []
 
     def mark(self) -> None:
@@ -210,14 +273,32 @@ class CrossSpaceStep:
             ev.record()
             self.events.append(ev)
 
+    def teacher(self, model: nn.Module, x: Tensor, sigma: Tensor, cond: dict) -> Tensor:
+        """The Teacher-space denoiser's raw output: SD3 velocity, or SD 1.5 ε at DDPM time σ × 999."""
+        if self.cross:
+            return sd3_call(model, x, sigma, cond)
+        return model(x, sigma * 999, return_dict=False, **cond)[0]
+
+    def real_score(self, x: Tensor, sigma: Tensor) -> Tensor:
+        lora = self.opts.fake == "lora"
+        if lora:
+            self.real.disable_adapters()  # real score: the shared base with the fake score's adapter off
+        out = self.teacher(self.real, torch.cat([x, x]), sigma.repeat(2), self.both)
+        if lora:
+            self.real.enable_adapters()
+        return out
+
     def __call__(self) -> None:
         self.events = []
         self.mark()
-        eps = self.gen(self.noise, self.t, encoder_hidden_states=self.emb, return_dict=False)[0]
+        eps = self.gen_call(self.noise, self.t, encoder_hidden_states=self.emb, return_dict=False)[0]
         z_s = (self.noise - SQRT_1M_AB * eps) / SQRT_AB
         self.mark()
-        image = self.vae.decode(z_s / SD15_SCALE, return_dict=False)[0]
-        z_t = self.proj(image)
+        if self.cross:
+            image = self.vae.decode(z_s / SD15_SCALE, return_dict=False)[0]
+            z_t = self.proj(image)
+        else:
+            z_t = z_s * 1.0  # no Bridge: the Student's latent is the Teacher's
         self.mark()
         # A backward hook marks where the gradient has passed the projector and the decoder.
         z_s.register_hook(lambda g: self.mark())
@@ -225,10 +306,10 @@ class CrossSpaceStep:
             sigma = torch.rand(self.batch, device=z_t.device, dtype=z_t.dtype)
             s = sigma.view(-1, 1, 1, 1)
             x = (1 - s) * z_t + s * torch.randn_like(z_t)
-            v_cond, v_uncond = sd3_call(self.real, torch.cat([x, x]), sigma.repeat(2), self.both).chunk(2)
+            v_cond, v_uncond = self.real_score(x, sigma).chunk(2)
             mu_real = x - s * (v_uncond + self.cfg_scale * (v_cond - v_uncond))
             self.mark()
-            mu_fake = x - s * sd3_call(self.fake, x, sigma, self.cond)
+            mu_fake = x - s * self.teacher(self.fake_call, x, sigma, self.cond)
             self.mark()
             g = (mu_fake - mu_real) / (z_t - mu_real).abs().mean(dim=(1, 2, 3), keepdim=True)
         loss = 0.5 * (z_t.float() - (z_t - g).detach().float()).square().mean()
@@ -240,7 +321,8 @@ class CrossSpaceStep:
         z_t = z_t.detach()
         eps_c = torch.randn_like(z_t)
         x = (1 - s) * z_t + s * eps_c
-        critic_loss = (sd3_call(self.fake, x, sigma, self.cond).float() - (eps_c - z_t).float()).square().mean()
+        out = self.teacher(self.fake_call, x, sigma, self.cond)
+        critic_loss = (out.float() - (eps_c - z_t).float()).square().mean()
         critic_loss.backward()
         self.mark()
         self.opt_f.step()
@@ -257,32 +339,37 @@ class CrossSpaceStep:
         return dict(zip(self.PHASES, times))
 
 
-def cross_space_step(
-    setup: Setup, clock: Clock, batch: int, compile_models: bool, matmul: float, tflop: float | None = None
-) -> dict:
-    """Time one composed step; ``tflop`` reuses the eager count (FlopCounterMode does not see inside compiled code)."""
-    name = f"DMD2 step SD1.5 (512) <- SD3.5-M (1024), b{batch}" + (" compiled" if compile_models else " eager")
-    row: dict = {"name": name}
+def dmd2_step(setup: Setup, clock: Clock, opts: StepOptions, matmul: float, *, iters: int = 5) -> dict:
+    """Time one composed step variant. FLOPs are counted on the same step run eagerly (``force_eager``:
+    FlopCounterMode does not see inside compiled code; the arithmetic is the same)."""
+    row: dict = {"name": opts.name, "options": asdict(opts)}
     step = None
     try:
         with fresh_peak(setup.device):
-            step = CrossSpaceStep(setup, batch, compile_models)
-            row |= time_ms(step, setup.device, warmup=3, iters=5)
+            t0 = time.monotonic()
+            step = DMD2Step(setup, opts)
+            step()  # the first call compiles (when compiled) and allocates the optimizer states
+            sync(setup.device)
+            row["first_step_s"] = time.monotonic() - t0
+            row |= time_ms(step, setup.device, warmup=2, iters=iters)
             row["peak_gb"] = peak_memory_gb(setup.device)
+        row["compiled_blocks"] = getattr(step, "compiled_blocks", 0)
         row["phases_ms"] = step.phase_ms()
-        row["tflop"] = tflop if tflop is not None else count_flops(step) / 1e12
+        with torch.compiler.set_stance("force_eager"):
+            row["tflop"] = count_flops(step) / 1e12
         row["mfu"] = row["tflop"] * 1e12 / (row["ms"] * 1e-3) / matmul
         phases = row["phases_ms"]
-        if phases:
+        if phases and step.cross:
             bridge = phases["bridge fwd"] + phases["bridge bwd"]
             row["bridge_share"] = bridge / sum(phases.values())
-        row["samples_per_s"] = batch / (row["ms"] * 1e-3)
+        row["samples_per_s"] = opts.batch / (row["ms"] * 1e-3)
     except torch.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err)[:200]}"
-    print(f"[{clock.elapsed():5.0f} s] {name}: {row}", flush=True)
+    print(f"[{clock.elapsed():5.0f} s] {opts.name}: {row}", flush=True)
     del step
     gc.collect()
-    torch._dynamo.reset()
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
@@ -298,9 +385,9 @@ def flux_memory(setup: Setup, clock: Clock, lora_rank: int) -> dict:
         flux.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=targets))
         flux.enable_gradient_checkpointing()
         gen, vae, proj = setup.unet(), setup.decoder(), setup.projector().requires_grad_(False)
-        opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-6, foreach=True)
+        opt_g = make_adamw(gen.parameters(), lr=1e-6, weight_decay=0.01)  # fused: no foreach temporaries
         lora = [p for p in flux.parameters() if p.requires_grad]
-        opt_f = torch.optim.AdamW(lora, lr=1e-6, foreach=True)
+        opt_f = make_adamw(lora, lr=1e-6, weight_decay=0.01)
         row["weights_gb"] = peak_memory_gb(dev)
         print(f"[{clock.elapsed():5.0f} s] FLUX + LoRA + generator built: {row['weights_gb']} GB", flush=True)
         row["lora_params_m"] = sum(p.numel() for p in lora) / 1e6
@@ -375,23 +462,65 @@ def flux_memory(setup: Setup, clock: Clock, lora_rank: int) -> dict:
     return row
 
 
+# The step variants, by key: (options, rough cost in s at real size on an H100 incl. compile). Eager first, so each
+# option's effect is read against the row above it in one run.
+VARIANTS: dict[str, tuple[StepOptions, float]] = {
+    "eager": (StepOptions(), 45),
+    "fused": (StepOptions(fused_adamw=True), 40),
+    "same_eager": (StepOptions(teacher="sd15", fused_adamw=True), 25),
+    "compiled": (StepOptions(compile=True, fused_adamw=True), 240),
+    "same_compiled": (StepOptions(teacher="sd15", compile=True, fused_adamw=True), 60),
+    "compiled_b4_lora": (StepOptions(batch=4, compile=True, fused_adamw=True, fake="lora"), 150),
+    "compiled_b4": (StepOptions(batch=4, compile=True, fused_adamw=True), 150),
+}
+DEFAULT_VARIANTS = ["eager", "fused", "same_eager", "compiled", "same_compiled", "compiled_b4_lora"]
+
+
+def ddp_step(setup: Setup, clock: Clock, opts: StepOptions, accelerator, *, iters: int = 5) -> dict:
+    """The step under ``accelerate launch``: DDP over the generator and fake score, each process its own batch.
+    Every rank times the same calls (they synchronise in the gradient all-reduce); rank 0's numbers are reported."""
+    world = accelerator.num_processes
+    row: dict = {"name": f"{opts.name}, {world} process(es)", "options": asdict(opts), "world_size": world}
+    t0 = time.monotonic()
+    step = DMD2Step(setup, opts, accelerator=accelerator)
+    step()
+    sync(setup.device)
+    row["first_step_s"] = time.monotonic() - t0
+    accelerator.wait_for_everyone()
+    row |= time_ms(step, setup.device, warmup=2, iters=iters)
+    row["peak_gb"] = peak_memory_gb(setup.device)
+    row["samples_per_s"] = world * opts.batch / (row["ms"] * 1e-3)
+    row["samples_per_s_per_gpu"] = opts.batch / (row["ms"] * 1e-3)
+    print(f"[{clock.elapsed():5.0f} s] rank {accelerator.process_index}: {row}", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--sd3-batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--student-batch", type=int, default=8, help="UNet and decoder component batch")
-    parser.add_argument("--step-batch", type=int, default=2, help="batch of the composed DMD2 step")
     parser.add_argument("--lora-rank", type=int, default=64)
-    parser.add_argument("--budget-s", type=float, default=420, help="skip parts that would end after this")
-    # "compile" is opt-in: compiling the composed step did not finish within ~340 s on the H100 machine (16 cores),
-    # so it needs a run of its own, after "step" (whose eager FLOP count it reuses).
+    parser.add_argument("--budget-s", type=float, default=540, help="skip parts / variants that would end after this")
     parser.add_argument(
-        "--parts", nargs="+", default=["components", "step", "flux"], choices=["components", "step", "flux", "compile"]
-    )
+        "--parts", nargs="+", default=["step", "flux"], choices=["components", "step", "flux", "ddp"],
+        help="components: each model pass alone (measured 2026-11-26, see docs/performance.md); step: the composed "
+        "DMD2 step variants; flux: SD 1.5 <- FLUX.1-dev on one GPU; ddp: the step under `accelerate launch` "
+        "(bench/train_scaling.py runs it for 1 and N GPUs)",
+    )  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    parser.add_argument("--ddp-variant", default="compiled", choices=list(VARIANTS))
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = None
+    if "ddp" in args.parts:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        device = accelerator.device
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clock = Clock(args.budget_s)
     torch.backends.cudnn.benchmark = True
     setup = Setup(args.tiny, device)
@@ -400,33 +529,48 @@ def main(argv: list[str] | None = None) -> int:
     print(env, flush=True)
     matmul = env["bf16_matmul_tflops"] * 1e12
     report: dict = {"env": env, "command": " ".join(sys.argv), "components": [], "steps": [], "skipped": []}
+    name = "train_step"
 
     # (part, rough cost in s at real size, what it runs): cheapest and most wanted first.
-    parts = [
-        ("components", 90, lambda: report["components"].extend(
-            components(setup, clock, args.sd3_batches, args.student_batch))),
-        ("step", 45, lambda: report["steps"].append(cross_space_step(setup, clock, args.step_batch, False, matmul))),
-        ("flux", 90, lambda: report.__setitem__("flux", flux_memory(setup, clock, args.lora_rank))),
-        ("compile", 400, lambda: report["steps"].append(cross_space_step(
-            setup, clock, args.step_batch, True, matmul, next((r.get("tflop") for r in report["steps"]), None)))),
-    ]  # fmt: skip
-    for name, cost, run in parts:
-        if name not in args.parts or (not args.tiny and not clock.allows(cost)):
-            report["skipped"].append(f"{name} ({clock.elapsed():.0f} s used of {args.budget_s:.0f} s)")
+    parts: list[tuple[str, float, Callable[[], None]]] = []
+    if "components" in args.parts:
+        parts.append(("components", 90, lambda: report["components"].extend(
+            components(setup, clock, args.sd3_batches, args.student_batch))))  # fmt: skip
+    if "step" in args.parts:
+        for key in args.variants:
+            opts, cost = VARIANTS[key]
+            opts = replace(opts, lora_rank=args.lora_rank)
+            parts.append((f"step:{key}", cost, functools.partial(
+                lambda o: report["steps"].append(dmd2_step(setup, clock, o, matmul)), opts)))  # fmt: skip
+    if "flux" in args.parts:
+        parts.append(("flux", 90, lambda: report.__setitem__("flux", flux_memory(setup, clock, args.lora_rank))))
+    if "ddp" in args.parts:
+        name = f"train_step_ddp{accelerator.num_processes}"
+        opts = replace(VARIANTS[args.ddp_variant][0], lora_rank=args.lora_rank)
+        report["ddp"] = None
+        parts.append(("ddp", 0, lambda: report.__setitem__("ddp", ddp_step(setup, clock, opts, accelerator))))
+    main_process = accelerator is None or accelerator.is_main_process
+    for part, cost, run in parts:
+        if not args.tiny and not clock.allows(cost):
+            report["skipped"].append(f"{part} ({clock.elapsed():.0f} s used of {args.budget_s:.0f} s)")
             continue
         try:
             run()
         except Exception as err:  # one failing part is a result; the rest still runs
             where = traceback.format_exc()[-3000:]
-            report.setdefault("errors", {})[name] = f"{type(err).__name__}: {str(err)[:1000]}\n{where}"
-            print(f"FAILED {name}: {report['errors'][name]}", flush=True)
+            report.setdefault("errors", {})[part] = f"{type(err).__name__}: {str(err)[:1000]}\n{where}"
+            print(f"FAILED {part}: {report['errors'][part]}", flush=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         # Written after every part, so a run cut off by its time limit still leaves what it measured.
-        write_report(args.out, "train_step", report, to_markdown(report))
-    print(to_markdown(report), flush=True)
-    return 0
+        if main_process:
+            write_report(args.out, name, report, to_markdown(report))
+    if main_process:
+        print(to_markdown(report), flush=True)
+    if accelerator is not None:
+        accelerator.end_training()
+    return 1 if accelerator is not None and report.get("errors") else 0
 
 
 def fmt(x, spec: str = ".1f") -> str:
@@ -437,7 +581,7 @@ def to_markdown(report: dict) -> str:
     env = report["env"]
     mm = env["bf16_matmul_tflops"]
     lines = [
-        "# Training-step components at real sizes (random weights, bf16)\n",
+        "# Training step at real sizes (random weights, bf16)\n",
         env_markdown(env, report["command"]),
         f"MFU = counted model FLOPs / time / measured bf16 matmul rate ({mm:.0f} TFLOP/s).\n",
         "## Components\n",
@@ -452,19 +596,34 @@ def to_markdown(report: dict) -> str:
             f"| {r['name']} | {r['ms']:.1f} | {r['tflop']:.2f} | {r['tflops_per_s']:.0f} | "
             f"{r['tflops_per_s'] / mm:.0%} | {fmt(r.get('peak_gb'))} |"
         )
-    for r in report["steps"]:
-        lines += [f"\n## {r['name']}\n"]
-        if "error" in r:
-            lines.append(r["error"])
-            continue
-        lines.append(
-            f"{r['ms']:.1f} ms per step (1 generator + 1 critic update), {r['samples_per_s']:.1f} samples/s, "
-            f"{r['tflop']:.1f} TFLOP, MFU {r['mfu']:.0%}, peak {fmt(r.get('peak_gb'))} GB, "
-            f"Bridge share {fmt(r.get('bridge_share'), '.0%')}.\n"
-        )
-        if r.get("phases_ms"):
-            lines += ["| phase | ms |", "|---|---|"]
-            lines += [f"| {k} | {v:.1f} |" for k, v in r["phases_ms"].items()]
+    if report["steps"]:
+        lines += [
+            "\n## Composed DMD2 steps (1 generator + 1 critic update)\n",
+            "| variant | ms / step | samples/s | TFLOP | MFU | peak GB | Bridge share | first step s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in report["steps"]:
+            if "error" in r:
+                lines.append(f"| {r['name']} | {r['error'][:100]} | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['name']} | {r['ms']:.1f} | {r['samples_per_s']:.2f} | {r['tflop']:.1f} | {r['mfu']:.0%} "
+                f"| {fmt(r.get('peak_gb'))} | {fmt(r.get('bridge_share'), '.1%')} | {fmt(r.get('first_step_s'))} |"
+            )
+        ok = [r for r in report["steps"] if r.get("phases_ms")]
+        if ok:
+            lines += ["\nPhase times (ms, device events):\n", "| phase | " + " | ".join(
+                f"v{i + 1}" for i in range(len(ok))) + " |", "|---|" + "---|" * len(ok)]  # fmt: skip
+            for phase in DMD2Step.PHASES:
+                lines.append(f"| {phase} | " + " | ".join(fmt(r["phases_ms"].get(phase)) for r in ok) + " |")
+            lines.append("\n" + "; ".join(f"v{i + 1} = {r['name']}" for i, r in enumerate(ok)) + ".")
+    if report.get("ddp"):
+        r = report["ddp"]
+        lines += [
+            f"\n## {r['name']}\n",
+            f"{r['ms']:.1f} ms per step per process, {r['samples_per_s']:.2f} samples/s in all "
+            f"({r['samples_per_s_per_gpu']:.2f} per GPU), peak {fmt(r.get('peak_gb'))} GB.",
+        ]
     if "flux" in report:
         f = report["flux"]
         lines += [f"\n## {f['name']}\n"]
