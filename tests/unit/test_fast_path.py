@@ -9,9 +9,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from crossdistill.errors import ConfigError
-from crossdistill.export.fast import FastPathOptions, OneStepRunner, scaled_linear_alpha_bar
+from crossdistill.export.fast import FastPathOptions, OneStepRunner, inductor_options, scaled_linear_alpha_bar
 
 CPU_FP32 = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False)
+CPU_FUSED = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False, fuse_qkv=True)
 
 
 def tiny_models(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL]:
@@ -92,3 +93,75 @@ def test_bad_options_raise_config_errors():
     runner = OneStepRunner(unet, vae, options=CPU_FP32)
     with pytest.raises(ConfigError):
         runner(torch.randn(2, 5, 16), torch.randn(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fuse_qkv_gives_the_same_images(channels_last):
+    unet, vae = tiny_models()
+    embeds, noise = torch.randn(2, 5, 16), torch.randn(2, 4, 8, 8)
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
+    options = FastPathOptions(dtype="float32", channels_last=channels_last, compile=None, cuda_graphs=False,
+                              fuse_qkv=True)  # fmt: skip
+    runner = OneStepRunner(unet, vae, options=options)
+    # The fused processors are really in use (self-attention q/k/v and cross-attention k/v are one Linear each).
+    for module in (unet, vae):
+        kinds = {type(p).__name__ for p in module.attn_processors.values()}
+        assert kinds == {"FusedAttnProcessor2_0"}
+    assert any(hasattr(m, "to_qkv") for m in unet.modules()) and any(hasattr(m, "to_kv") for m in unet.modules())
+    assert any(hasattr(m, "to_qkv") for m in vae.modules())
+    assert not any(p.requires_grad for p in (*unet.parameters(), *vae.parameters()))
+    images = runner(embeds, noise)
+    assert (images - expected).abs().max().item() < 1e-5
+    assert (runner(torch.randn(2, 5, 16), noise) - images).abs().max().item() > 1e-3
+    # A second runner on the already fused modules keeps them fused and computes the same images.
+    assert (OneStepRunner(unet, vae, options=options)(embeds, noise) - images).abs().max().item() < 1e-6
+
+
+def test_fuse_qkv_really_uses_the_fused_weights():
+    """Corrupting the fused weights changes the image: the fused path is what runs, not the old projections."""
+    unet, vae = tiny_models()
+    embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
+    runner = OneStepRunner(unet, vae, options=CPU_FUSED)
+    before = runner(embeds, noise)
+    with torch.no_grad():
+        next(m for m in unet.modules() if hasattr(m, "to_qkv")).to_qkv.weight.mul_(3.0)
+    assert (runner(embeds, noise) - before).abs().max().item() > 1e-4
+
+
+def test_fuse_qkv_refuses_modules_it_would_change():
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    unet, vae = tiny_models()
+    unet.set_attn_processor(SlicedAttnProcessor(slice_size=1))
+    with pytest.raises(ConfigError, match="SlicedAttnProcessor"):
+        OneStepRunner(unet, vae, options=CPU_FUSED)
+    _, vae = tiny_models()
+    with pytest.raises(ConfigError, match="no diffusers fuse_qkv_projections"):
+        OneStepRunner(torch.nn.Conv2d(4, 4, 1), vae, options=CPU_FUSED)
+
+
+def test_inductor_tuning_needs_compile_and_names_real_inductor_options():
+    with pytest.raises(ConfigError, match="needs compile"):
+        FastPathOptions(compile=None, cuda_graphs=False, inductor_tuning=True)
+    FastPathOptions(compile="default", inductor_tuning=True)  # valid
+    opts = inductor_options("max-autotune-no-cudagraphs", tuning=True)
+    assert opts["max_autotune"] is True and opts["conv_1x1_as_mm"] is True and opts["epilogue_fusion"] is False
+    assert inductor_options("default", tuning=False) == {}
+    # torch.compile validates option names and types when it builds its backend: a typo or a removed setting
+    # in this torch version raises here (nothing is compiled until the first call).
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        torch.compile(lambda x: x + 1, options=inductor_options(mode, tuning=True), dynamic=False)
+    with pytest.raises(RuntimeError):
+        torch.compile(lambda x: x + 1, options={"no_such_inductor_setting": True})
+
+
+def test_inductor_tuning_is_ignored_with_a_warning_on_cpu():
+    unet, vae = tiny_models()
+    embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
+    options = FastPathOptions(dtype="float32", channels_last=False, compile="default", cuda_graphs=False,
+                              inductor_tuning=True)  # fmt: skip
+    with pytest.warns(UserWarning, match="compile, inductor_tuning ignored"):
+        runner = OneStepRunner(unet, vae, options=options)
+    assert runner._step == runner._eager_step  # nothing compiled on CPU
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
+    assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5

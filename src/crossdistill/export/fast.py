@@ -11,9 +11,23 @@ memory. The options below remove those costs one at a time (docs/performance.md 
   call costs one launch instead of thousands (the step has no data-dependent control flow, so this is exact);
 - ``channels_last``: NHWC weights and activations, the layout cuDNN's tensor-core convolutions want;
 - ``dtype``: bf16 or fp16 weights; the x0 formula itself always runs in float32 (it divides by sqrt(ᾱ) ≈ 0.07
-  at t = 999, which would amplify half-precision rounding of the UNet's output ~15×).
+  at t = 999, which would amplify half-precision rounding of the UNet's output ~15×);
+- ``fuse_qkv``: diffusers' ``fuse_qkv_projections()`` on the UNet and the VAE: each self-attention's q, k, v
+  projections become one Linear (cross-attention: k and v), run by ``FusedAttnProcessor2_0``, so three small
+  GEMMs become one larger one. Same arithmetic, same result up to GEMM rounding. It needs the modules to use the
+  stock SDPA processors (``AttnProcessor2_0``/``AttnProcessor``; anything else, e.g. a LoRA or IP-Adapter
+  processor, would be silently replaced, so it is a ``ConfigError``). The runner fuses the modules it was given
+  in place (the unfused to_q/to_k/to_v stay as attributes; ``unfuse_qkv_projections()`` restores the old
+  processors). Works on CPU too;
+- ``inductor_tuning``: the inductor settings of diffusers' SDXL ``torch.compile`` guide (:data:`INDUCTOR_TUNING`:
+  1×1 convs lowered as matmuls, coordinate-descent tuning of every Triton kernel's block sizes over all
+  directions, epilogue fusion off). They are passed as this runner's ``torch.compile(options=...)`` on top of
+  the compile mode's own options (``torch._inductor.list_mode_options``), so they apply to every compilation of
+  this runner's step (each input shape compiles lazily at its first call) and never change the global
+  ``torch._inductor.config``. Needs ``compile``; like ``compile`` it only applies on CUDA (ignored with the same
+  warning elsewhere). Coordinate descent makes each first call (per input shape) markedly slower.
 
-On a CPU only ``dtype`` and ``channels_last`` apply; the result equals the plain eager path.
+On a CPU only ``dtype``, ``channels_last`` and ``fuse_qkv`` apply; the result equals the plain eager path.
 """
 
 from __future__ import annotations
@@ -34,6 +48,14 @@ SD15_SCALE = 0.18215
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# diffusers' SDXL torch.compile guide (docs "Accelerate inference of text-to-image diffusion models").
+INDUCTOR_TUNING = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "epilogue_fusion": False,
+    "coordinate_descent_check_all_directions": True,
+}
 
 
 def scaled_linear_alpha_bar(
@@ -56,6 +78,8 @@ class FastPathOptions:
     compile: str | None = "default"  # torch.compile mode of the whole step (COMPILE_MODES), or None for eager; CUDA
     cuda_graphs: bool = True  # capture one CUDA graph per input shape and replay it; CUDA only
     cudnn_benchmark: bool = True  # let cuDNN time its conv algorithms once per shape (sets a global torch flag)
+    fuse_qkv: bool = False  # fused q/k/v (cross-attention: k/v) projections in the UNet and VAE attentions
+    inductor_tuning: bool = False  # INDUCTOR_TUNING for this runner's compilations; needs compile; CUDA only
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -65,6 +89,37 @@ class FastPathOptions:
         if self.cuda_graphs and self.compile in ("reduce-overhead", "max-autotune"):
             # Those modes already capture CUDA graphs (cudagraph trees); capturing them again inside ours fails.
             raise ConfigError(f"compile mode {self.compile!r} captures its own CUDA graphs: set cuda_graphs=False")
+        if self.inductor_tuning and self.compile is None:
+            raise ConfigError("inductor_tuning configures torch.compile's inductor backend: it needs compile set")
+
+
+def inductor_options(mode: str, tuning: bool) -> dict:
+    """``torch.compile`` options equivalent to ``mode`` (its inductor settings), plus :data:`INDUCTOR_TUNING`."""
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode, dynamic=False)) | (INDUCTOR_TUNING if tuning else {})
+
+
+STOCK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+
+
+def fuse_qkv_projections(module: nn.Module) -> None:
+    """diffusers' ``fuse_qkv_projections()`` on ``module``, refusing modules whose attention processors it would drop.
+
+    A no-op for a module whose processors are all fused already (a second runner on the same modules).
+    """
+    name = type(module).__name__
+    if not hasattr(module, "fuse_qkv_projections") or not hasattr(module, "attn_processors"):
+        raise ConfigError(f"fuse_qkv: {name} has no diffusers fuse_qkv_projections()")
+    kinds = {type(p).__name__ for p in module.attn_processors.values()}
+    if kinds <= {"FusedAttnProcessor2_0"}:
+        return
+    if not kinds <= set(STOCK_PROCESSORS):
+        raise ConfigError(
+            f"fuse_qkv: {name} uses attention processors {sorted(kinds)}; fusing would replace them with "
+            f"FusedAttnProcessor2_0 (only {' / '.join(STOCK_PROCESSORS)} can be fused without changing the model)"
+        )
+    module.fuse_qkv_projections()
 
 
 class OneStepRunner:
@@ -105,7 +160,11 @@ class OneStepRunner:
         on_cuda = self.device.type == "cuda"
         self.use_graphs = self.options.cuda_graphs and on_cuda
         compile_mode = self.options.compile if on_cuda else None
-        cuda_only = (("compile", self.options.compile), ("cuda_graphs", self.options.cuda_graphs))
+        cuda_only = (
+            ("compile", self.options.compile),
+            ("cuda_graphs", self.options.cuda_graphs),
+            ("inductor_tuning", self.options.inductor_tuning),
+        )
         ignored = [name for name, on in cuda_only if on]
         if not on_cuda and ignored:
             warnings.warn(f"fast path on {self.device.type}: {', '.join(ignored)} ignored (CUDA only)", stacklevel=2)
@@ -114,9 +173,13 @@ class OneStepRunner:
 
         memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
         self.unet, self.vae = (
-            m.to(device=self.device, dtype=self.dtype, memory_format=memory_format).eval().requires_grad_(False)
-            for m in (unet, vae)
+            m.to(device=self.device, dtype=self.dtype, memory_format=memory_format) for m in (unet, vae)
         )
+        if self.options.fuse_qkv:  # after the move: the fused weights are concatenated on the device, in dtype
+            for m in (self.unet, self.vae):
+                fuse_qkv_projections(m)
+        for m in (self.unet, self.vae):  # after fusing: the new fused Linears are trainable when created
+            m.eval().requires_grad_(False)
         # A device tensor, so the timestep never forces a host→device copy inside a captured graph.
         self.timestep = torch.full((1,), timestep, device=self.device, dtype=torch.long)
 
@@ -124,12 +187,20 @@ class OneStepRunner:
         self._step: Callable[[Tensor, Tensor], Tensor] = self._eager_step
         if compile_mode is not None:
             # dynamic=False: each batch size gets its own specialised kernels (a handful of shapes in practice).
-            self._step = torch.compile(self._eager_step, mode=compile_mode, dynamic=False)
+            if self.options.inductor_tuning:  # torch.compile takes mode or options, not both: options = mode's + ours
+                options = inductor_options(compile_mode, tuning=True)
+                self._step = torch.compile(self._eager_step, options=options, dynamic=False)
+            else:
+                self._step = torch.compile(self._eager_step, mode=compile_mode, dynamic=False)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def _eager_step(self, prompt_embeds: Tensor, noise: Tensor) -> Tensor:
         """The whole one-step computation, written once; every option runs exactly this function."""
+        return self._decode(self._x0(prompt_embeds, noise))
+
+    def _x0(self, prompt_embeds: Tensor, noise: Tensor) -> Tensor:
+        """The UNet call and the x0 formula: float32 latents ``[B, 4, h, w]`` (in the UNet's latent scale)."""
         memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
         z = noise.to(dtype=self.dtype).contiguous(memory_format=memory_format)
         t = self.timestep.expand(noise.shape[0])
@@ -141,6 +212,11 @@ class OneStepRunner:
             x0 = self.sqrt_ab * z32 - self.sqrt_1m_ab * out
         else:
             x0 = out
+        return x0
+
+    def _decode(self, x0: Tensor) -> Tensor:
+        """VAE decode of x0 latents (unscaled and shifted first): float32 images clamped to ``[-1, 1]``."""
+        memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
         latents = (x0 / self.scale + self.shift).to(self.dtype).contiguous(memory_format=memory_format)
         images = self.vae.decode(latents, return_dict=False)[0]
         return images.float().clamp(-1.0, 1.0)
