@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from crossdistill.bridge.model import TRAINABLE_KINDS, Bridge
-from crossdistill.config import config_hash, prepare_run_dir, warn_ignored
+from crossdistill.config import RESUME_SAFE_KEYS, config_hash, prepare_run_dir, warn_ignored
 from crossdistill.data.images import ImageDataset, read_prompts
 from crossdistill.errors import ConfigError, DataError
 from crossdistill.eval.report import tensor_grid
@@ -44,6 +44,7 @@ from crossdistill.models.base import Denoiser, PromptEmbeds, Space
 from crossdistill.models.registry import get_family
 from crossdistill.models.registry import load_space as load_space_folder
 from crossdistill.train.guard import NonFiniteGuard
+from crossdistill.train.perf import compile_blocks, is_convolutional, make_adamw, to_channels_last
 from crossdistill.train.runner import train_loop
 from crossdistill.train.seeding import derive_seed, seed_everything, step_generator
 from crossdistill.train.stats import tracker_kwargs
@@ -52,6 +53,11 @@ logger = logging.getLogger(__name__)
 
 # The attention projections of UNet, MMDiT and FLUX blocks (diffusers names): where the fake score's LoRA goes.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# Speed options change how a step runs, not what it computes (up to rounding): a run may resume with them toggled.
+SPEED_KEYS = ("train.compile", "train.fused_optimizer", "train.channels_last", "train.offload_text_encoders")
+DISTILL_RESUME_SAFE = (*RESUME_SAFE_KEYS, *SPEED_KEYS)
+# Where train.offload_text_encoders puts the encoders (tests set "meta": any later use of an encoder then fails).
+OFFLOAD_DEVICE = "cpu"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -93,6 +99,10 @@ class TrainConfig:
     max_grad_norm: float = 10.0  # gradient clipping of both updates (<= 0: off)
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     cpu: bool = False  # run on CPU even when a GPU is present
+    compile: bool = False  # regional torch.compile of the backbones, Student VAE decoder and projector (perf.py)
+    fused_optimizer: bool = True  # single-kernel AdamW update on CUDA (torch's default update elsewhere)
+    channels_last: bool = False  # NHWC weights for the convolutional modules (UNet, VAEs, projector); not transformers
+    offload_text_encoders: bool = True  # move both text encoders to CPU once every prompt embedding is cached
 
 
 @dataclass(kw_only=True)
@@ -146,6 +156,11 @@ def check_config(cfg: DistillConfig) -> None:
         warn_ignored(cfg, "train.gan_critic_weight", "train.gan_weight is 0 (no GAN)")
     if not t.cotrain_bridge:
         warn_ignored(cfg, "train.bridge_rec_weight", "train.cotrain_bridge is false")
+    if t.compile and not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(
+            "train.compile=true, but torch.compile is not supported on this platform / Python: "
+            "--set train.compile=false"
+        )
 
 
 def make_accelerator(cfg: DistillConfig, run_dir: str | Path) -> Accelerator:
@@ -303,7 +318,7 @@ class DistillTrainer:
         self.accelerator = accelerator or make_accelerator(cfg, self.run_dir)
         acc = self.accelerator
         if acc.is_main_process:  # config.json beside the run; refuses a run dir that holds another run
-            prepare_run_dir(self.run_dir, cfg)
+            prepare_run_dir(self.run_dir, cfg, resume_safe=DISTILL_RESUME_SAFE)
         acc.wait_for_everyone()
         seed_everything(derive_seed(t.seed, acc.process_index))
         device = acc.device
@@ -329,6 +344,8 @@ class DistillTrainer:
         self.uncond_t = self.teacher.prompt_encoder.encode_cached([""]).to(device)
         self.sample_cond = self.student.prompt_encoder.encode_cached(self.sample_prompts).to(device)
         self.reals = self._encode_reals() if cfg.data.real_images else None
+        if t.offload_text_encoders:  # every embedding a run needs is cached above; nothing below encodes text
+            self._offload_text_encoders()
 
         # ---- generator, fake score, GAN head, EMA -------------------------------------------------------------------
         generator = self.student.denoiser  # the Student base itself: nothing else needs its frozen weights
@@ -344,14 +361,23 @@ class DistillTrainer:
         if t.gradient_checkpointing:
             for d in (generator, fake):
                 d.backbone.enable_gradient_checkpointing()
+        step_modules = self._step_modules(generator, fake)
+        if t.channels_last:  # before the EMA copy, so the EMA (the sampler) has the same layout
+            conv = {role: m for role, m in step_modules.items() if is_convolutional(m)}
+            for m in conv.values():
+                to_channels_last(m)
+            logger.info("channels_last: %s", ", ".join(conv) or "no convolutional module in the step")
         self.gan_head = self._build_gan_head(fake) if t.gan_weight > 0 else None
         self.ema = copy.deepcopy(generator).requires_grad_(False) if t.ema_decay > 0 else None
+        if t.compile:  # after LoRA (peft wraps Linears first) and the EMA copy; before prepare (DDP wraps outside)
+            counts = {role: compile_blocks(m) for role, m in step_modules.items()}
+            logger.info("compile: %s", ", ".join(f"{role} ({n} blocks)" for role, n in counts.items()))
 
         gen_params = list(generator.parameters()) + (list(self.bridge.parameters()) if t.cotrain_bridge else [])
         critic_params = [p for p in fake.parameters() if p.requires_grad]
         critic_params += list(self.gan_head.parameters()) if self.gan_head is not None else []
-        opt_g = torch.optim.AdamW(gen_params, lr=t.lr_generator, weight_decay=t.weight_decay)
-        opt_c = torch.optim.AdamW(critic_params, lr=t.lr_critic, weight_decay=t.weight_decay)
+        opt_g = make_adamw(gen_params, lr=t.lr_generator, weight_decay=t.weight_decay, fused=t.fused_optimizer)
+        opt_c = make_adamw(critic_params, lr=t.lr_critic, weight_decay=t.weight_decay, fused=t.fused_optimizer)
         self.generator, self.fake, self.opt_g, self.opt_c = acc.prepare(
             DenoiserCall(generator), DenoiserCall(fake), opt_g, opt_c
         )
@@ -367,6 +393,34 @@ class DistillTrainer:
         self.step = 0
 
     # ---- setup helpers ----------------------------------------------------------------------------------------------
+    def _offload_text_encoders(self) -> None:
+        """Both spaces' text encoders to :data:`OFFLOAD_DEVICE` (CPU); logs the accelerator memory it frees."""
+        device = self.accelerator.device
+        cuda = device.type == "cuda"
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        for space in (self.student, self.teacher):
+            space.prompt_encoder.to(OFFLOAD_DEVICE)
+        if cuda:
+            torch.cuda.empty_cache()
+            freed = (before - torch.cuda.memory_allocated(device)) / 2**30
+            logger.info("text encoders offloaded to %s: %.2f GiB freed on %s", OFFLOAD_DEVICE, freed, device)
+
+    def _step_modules(self, generator: Denoiser, fake: Denoiser) -> dict[str, nn.Module]:
+        """The networks a training step runs, by role, each once: what ``train.compile`` / ``channels_last`` touch.
+
+        The real score is the Teacher's backbone; with a LoRA fake score it *is* the fake score's backbone."""
+        modules = {"generator": generator.backbone, "fake_score": fake.backbone}
+        if self.teacher.denoiser.backbone is not fake.backbone:
+            modules["real_score"] = self.teacher.denoiser.backbone
+        kind = self.cfg.model.bridge_kind
+        if kind in ("prior_projector", "decode_encode"):  # the Bridge decodes z_s (also for Bridge co-training)
+            modules["student_vae_decoder"] = self.student.codec.vae.decoder
+        if kind == "decode_encode":
+            modules["teacher_vae_encoder"] = self.teacher.codec.vae.encoder
+        if self.bridge.projector is not None:
+            modules["bridge_projector"] = self.bridge.projector
+        return modules
+
     def _encode_reals(self) -> dict[str, Tensor | PromptEmbeds]:
         """Real images → Teacher latents (GAN reals) and Student latents (Bridge co-training), with captions."""
         resolution = max(self.teacher.resolution, self.student.resolution)
@@ -580,7 +634,8 @@ class DistillTrainer:
         result = train_loop(
             self.run_dir, max_steps=cfg.train.max_steps, step_fn=step_fn, objects=self.state_objects(),
             checkpoint_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, sample_every=cfg.log.sample_every,
-            sample_fn=sample_fn, config_hash=config_hash(cfg), guard=self.guard, accelerator=acc, desc="distill",
+            sample_fn=sample_fn, config_hash=config_hash(cfg, DISTILL_RESUME_SAFE), guard=self.guard, accelerator=acc,
+            desc="distill",
         )  # fmt: skip
         acc.end_training()
         self.step = result.step

@@ -1,0 +1,114 @@
+"""Speed options shared by the trainer and the benchmarks (docs/performance.md has the measured effect of each).
+
+- :func:`compile_blocks`: *regional* ``torch.compile``: each repeated block (an MMDiT / FLUX block, a UNet
+  transformer or residual block, a Bridge projector block) is compiled in place, not the whole model. Blocks of one
+  class share one compiled program (parameters are graph inputs), so a 24-block SD3.5 compiles one block, not 24:
+  minutes of compile become tens of seconds, and the fusions that matter (norm + modulation + activation into the
+  neighbouring kernels) are the same. The glue between blocks stays eager.
+- :func:`make_adamw`: AdamW with the fused (single-kernel) update where the parameters allow it.
+- :func:`to_channels_last`: NHWC weights for convolution-heavy modules (UNet, VAE decoder, projector);
+  :func:`is_convolutional` tells them from transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Class names of the blocks compiled one by one. The outermost match wins: a UNet's Transformer2DModel is compiled
+# with its BasicTransformerBlocks inside it.
+BLOCK_CLASSES = frozenset(
+    {
+        "JointTransformerBlock",  # SD3 / SD3.5 MMDiT
+        "FluxTransformerBlock",  # FLUX double-stream
+        "FluxSingleTransformerBlock",  # FLUX single-stream
+        "Transformer2DModel",  # SD 1.5 / SD 2 / SDXL UNet spatial transformer (proj_in, blocks, proj_out)
+        "BasicTransformerBlock",  # a bare UNet / DiT transformer block
+        "ResnetBlock2D",  # UNet and VAE residual blocks
+        "UNetMidBlock2D",  # VAE mid block (residual blocks + attention)
+    }
+)
+# Dynamo compiles once per (block class, input shape); a UNet has ~12 residual-block shapes, a VAE decoder ~8.
+_RECOMPILE_LIMIT = 64
+
+
+def _is_block(module: nn.Module) -> bool:
+    from crossdistill.bridge.model import ResBlock
+
+    return type(module).__name__ in BLOCK_CLASSES or isinstance(module, ResBlock)
+
+
+def compile_blocks(module: nn.Module, **compile_kwargs) -> int:
+    """Compile every outermost repeated block of ``module`` in place (``nn.Module.compile``); returns how many.
+
+    ``compile_kwargs`` go to ``torch.compile`` (default ``dynamic=False``: training shapes are fixed, and static
+    kernels are faster). Modules with no known block are compiled whole, so nothing is silently left eager.
+    """
+    compile_kwargs.setdefault("dynamic", False)
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 16 * _RECOMPILE_LIMIT))
+
+    count = 0
+
+    def visit(m: nn.Module) -> None:
+        nonlocal count
+        if _is_block(m):
+            m.compile(**compile_kwargs)
+            count += 1
+            return
+        for child in m.children():
+            visit(child)
+
+    visit(module)
+    if count == 0:
+        logger.info("compile_blocks: no known block in %s, compiling it whole", type(module).__name__)
+        module.compile(**compile_kwargs)
+        count = 1
+    return count
+
+
+def make_adamw(
+    params: Iterable[torch.Tensor], *, lr: float, weight_decay: float, fused: bool = True
+) -> torch.optim.AdamW:
+    """AdamW; ``fused=True`` uses the single-kernel update when every parameter is a floating CUDA tensor (else the
+    torch default). Both compute the same update up to rounding."""
+    params = list(params)
+    use_fused = fused and bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    kwargs = {"fused": True} if use_fused else {}  # torch's default: foreach on CUDA, a loop on CPU
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
+    optimizer.register_load_state_dict_post_hook(_state_like_params)
+    return optimizer
+
+
+def _state_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded moments their parameter's strides: a checkpoint stores them contiguous, a channels_last parameter
+    is not, and the fused / foreach updates want one layout for a parameter and its state."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    like = torch.empty_strided(p.shape, p.stride(), dtype=value.dtype, device=value.device)
+                    optimizer.state[p][key] = like.copy_(value)
+
+
+def is_convolutional(module: nn.Module) -> bool:
+    """Whether ``module`` is a convolutional network (UNet, VAE, Bridge projector: it holds residual conv blocks),
+    where :func:`to_channels_last` applies; a transformer's lone patch-embedding conv does not count."""
+    from crossdistill.bridge.model import ResBlock
+
+    return any(type(m).__name__ == "ResnetBlock2D" or isinstance(m, ResBlock) for m in module.modules())
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """NHWC memory format for the module's 4-D weights (what cuDNN's tensor-core convolutions want); in place."""
+    return module.to(memory_format=torch.channels_last)
