@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,24 +24,33 @@ from common import write_report
 HERE = Path(__file__).resolve().parent
 
 
-def launch(procs: int, variant: str, out: Path, *, tiny: bool, cpu: bool, timeout_s: float) -> dict:
+def launch(procs: int, variant: str, out: Path, *, tiny: bool, cpu: bool, timeout_s: float, extra: list[str]) -> dict:
     """One ``accelerate launch`` of the DDP step; returns its report (or the error and the log's tail)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     # Several CPU processes: accelerate's multi-process launcher (torchrun) with no GPU visible, gloo backend.
     cmd += ["--multi_gpu"] if procs > 1 else (["--cpu"] if cpu else [])
     cmd += [str(HERE / "train_step.py"), "--parts", "ddp", "--ddp-variant", variant, "--out", str(out)]
-    cmd += ["--tiny"] if tiny else []
+    cmd += (["--tiny"] if tiny else []) + extra
     print("$", " ".join(cmd), flush=True)
     t0 = time.monotonic()
     env = os.environ | {"PYTHONUNBUFFERED": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    log = proc.stdout + proc.stderr
-    (out / f"launch_{variant}_{procs}.log").write_text(log)
+    log_path = out / f"launch_{variant}_{procs}.log"
+    with log_path.open("w") as log_file:  # streamed, so a launch that times out still leaves its log
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)  # fmt: skip
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker process
+            proc.wait()
+            returncode = None
+    log = log_path.read_text()
     print(log[-3000:], flush=True)
     path = out / f"train_step_ddp{procs}.json"
-    if proc.returncode != 0 or not path.exists():
-        return {"error": f"exit {proc.returncode}", "log_tail": log[-2000:], "wall_s": time.monotonic() - t0}
+    if returncode != 0 or not path.exists():
+        why = f"timed out after {timeout_s:.0f} s" if returncode is None else f"exit {returncode}"
+        return {"error": why, "log_tail": log[-2000:], "wall_s": time.monotonic() - t0}
     report = json.loads(path.read_text())
     path.rename(out / f"train_step_ddp{procs}_{variant}.json")
     (out / f"train_step_ddp{procs}.md").rename(out / f"train_step_ddp{procs}_{variant}.md")
@@ -55,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny configs")
     parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo), for the smoke test")
     parser.add_argument("--timeout-s", type=float, default=400, help="per launch")
+    parser.add_argument("--dump-stacks-after-s", type=float, default=0, help="passed to train_step.py (hangs)")
+    parser.add_argument("--reuse", action="store_true", help="take runs already in --out instead of launching them")
     args = parser.parse_args(argv)
 
     if args.procs is None:
@@ -66,17 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         runs = {}
         for n in args.procs:
-            try:
-                runs[n] = launch(n, variant, args.out, tiny=args.tiny, cpu=args.cpu, timeout_s=args.timeout_s)
-            except subprocess.TimeoutExpired:
-                runs[n] = {"error": f"timed out after {args.timeout_s:.0f} s"}
+            done = args.out / f"train_step_ddp{n}_{variant}.json"
+            if args.reuse and done.exists():  # measured by an earlier invocation on this machine
+                runs[n] = json.loads(done.read_text())
+                continue
+            extra = ["--dump-stacks-after-s", str(args.dump_stacks_after_s)] if args.dump_stacks_after_s else []
+            runs[n] = launch(n, variant, args.out, tiny=args.tiny, cpu=args.cpu, timeout_s=args.timeout_s, extra=extra)
         base = runs.get(1, {}).get("ddp") or {}
         for n, rep in runs.items():
             row = {"variant": variant, "processes": n}
             if rep.get("ddp"):
                 d = rep["ddp"]
                 keys = ("name", "ms", "ms_min", "ms_max", "samples_per_s", "peak_gb", "first_step_s", "world_size")
-                row |= {k: d[k] for k in keys}
+                keys += ("mfu",)
+                row |= {k: d.get(k) for k in keys}
                 row["env"] = rep["env"]
                 if base:
                     row["speedup_vs_1"] = d["samples_per_s"] / base["samples_per_s"]
@@ -98,16 +113,17 @@ def to_markdown(report: dict) -> str:
         f"Device: **{env.get('device', '?')}** · {env.get('date', '?')} · torch {env.get('torch', '?')}, "
         f"diffusers {env.get('diffusers', '?')}\n",
         f"Command: `{report['command']}`\n",
-        "| variant | processes | ms / step | samples/s | × one process | efficiency | peak GB |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | processes | ms / step | samples/s | × one process | efficiency | MFU per GPU | peak GB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['processes']} | {r['error'][:120]} | | | | |")
+            lines.append(f"| {r['variant']} | {r['processes']} | {r['error'][:120]} | | | | | |")
             continue
         lines.append(
             f"| {r['name']} | {r['processes']} | {r['ms']:.1f} | {r['samples_per_s']:.2f} "
             f"| {r.get('speedup_vs_1', float('nan')):.2f} | {r.get('efficiency', float('nan')):.0%} "
+            f"| {'–' if r.get('mfu') is None else format(r['mfu'], '.0%')} "
             f"| {r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 1)} |"
         )
     return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import functools
 import gc
 import sys
@@ -472,11 +473,12 @@ VARIANTS: dict[str, tuple[StepOptions, float]] = {
     "same_compiled": (StepOptions(teacher="sd15", compile=True, fused_adamw=True), 60),
     "compiled_b4_lora": (StepOptions(batch=4, compile=True, fused_adamw=True, fake="lora"), 150),
     "compiled_b4": (StepOptions(batch=4, compile=True, fused_adamw=True), 150),
+    "fused_b4": (StepOptions(batch=4, fused_adamw=True), 50),
 }
 DEFAULT_VARIANTS = ["eager", "fused", "same_eager", "compiled", "same_compiled", "compiled_b4_lora"]
 
 
-def ddp_step(setup: Setup, clock: Clock, opts: StepOptions, accelerator, *, iters: int = 5) -> dict:
+def ddp_step(setup: Setup, clock: Clock, opts: StepOptions, accelerator, matmul: float, *, iters: int = 5) -> dict:
     """The step under ``accelerate launch``: DDP over the generator and fake score, each process its own batch.
     Every rank times the same calls (they synchronise in the gradient all-reduce); rank 0's numbers are reported."""
     world = accelerator.num_processes
@@ -489,6 +491,9 @@ def ddp_step(setup: Setup, clock: Clock, opts: StepOptions, accelerator, *, iter
     accelerator.wait_for_everyone()
     row |= time_ms(step, setup.device, warmup=2, iters=iters)
     row["peak_gb"] = peak_memory_gb(setup.device)
+    with torch.compiler.set_stance("force_eager"):  # every rank runs it: DDP's all-reduce needs both
+        row["tflop"] = count_flops(step) / 1e12
+    row["mfu"] = row["tflop"] * 1e12 / (row["ms"] * 1e-3) / matmul
     row["samples_per_s"] = world * opts.batch / (row["ms"] * 1e-3)
     row["samples_per_s_per_gpu"] = opts.batch / (row["ms"] * 1e-3)
     print(f"[{clock.elapsed():5.0f} s] rank {accelerator.process_index}: {row}", flush=True)
@@ -511,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--ddp-variant", default="compiled", choices=list(VARIANTS))
+    parser.add_argument("--dump-stacks-after-s", type=float, default=0,
+                        help="ddp: dump every thread's stack and exit after this long (hangs)")  # fmt: skip
     args = parser.parse_args(argv)
 
     accelerator = None
@@ -548,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         name = f"train_step_ddp{accelerator.num_processes}"
         opts = replace(VARIANTS[args.ddp_variant][0], lora_rank=args.lora_rank)
         report["ddp"] = None
-        parts.append(("ddp", 0, lambda: report.__setitem__("ddp", ddp_step(setup, clock, opts, accelerator))))
+        if args.dump_stacks_after_s > 0:
+            faulthandler.dump_traceback_later(args.dump_stacks_after_s, exit=True)
+        parts.append(("ddp", 0, lambda: report.__setitem__("ddp", ddp_step(setup, clock, opts, accelerator, matmul))))
     main_process = accelerator is None or accelerator.is_main_process
     for part, cost, run in parts:
         if not args.tiny and not clock.allows(cost):
@@ -566,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         # Written after every part, so a run cut off by its time limit still leaves what it measured.
         if main_process:
             write_report(args.out, name, report, to_markdown(report))
+    faulthandler.cancel_dump_traceback_later()
     if main_process:
         print(to_markdown(report), flush=True)
     if accelerator is not None:
