@@ -219,7 +219,7 @@ def measure_split(unet, vae, inputs: dict, device: torch.device, iters: int, flo
             runner = cls(unet, vae, options=FastPathOptions(), device=device)
             for b, (embeds, noise) in inputs.items():
                 _, timing = first_call_and_timing(runner, *make_inputs(embeds, noise), device, iters)
-                floor_ms = tflop * b / rate * 1e3
+                floor_ms = tflop * 1e12 * b / rate * 1e3  # tflop is in TFLOP, rate in FLOP/s
                 row["batches"][b] = timing | {"floor_ms": floor_ms, "floor_fraction": floor_ms / timing["ms"]}
                 print(f"split {part} | batch {b}: {timing['ms']:.2f} ms (floor {floor_ms:.2f} ms, "
                       f"first call {timing['first_call_s']:.1f} s)", flush=True)  # fmt: skip
@@ -398,7 +398,7 @@ def split_markdown(report: dict) -> list[str]:
     lines += [
         "UNet part = UNet + x0 formula; decode part = VAE decode + clamp; each compiled and captured in its own "
         "CUDA graph with the default options. Floor = the part's FLOPs at the measured bf16 matmul rate.\n",
-        "| part | batch | TFLOP | ms (min–max) | floor ms | % of floor | first call s |",
+        "| part | batch | TFLOP | ms (min–max) | floor ms | floor / time | first call s |",
         "|---|---|---|---|---|---|---|",
     ]
     for part, row in split.items():
