@@ -22,6 +22,33 @@ from pathlib import Path
 from common import write_report
 
 HERE = Path(__file__).resolve().parent
+_RUNNING: list[subprocess.Popen] = []  # the launch in flight (its own process group)
+
+
+def _stop(signum: int, _frame) -> None:
+    """SIGTERM/SIGINT (e.g. an outer ``timeout``): take the launch and all its workers down too, or they outlive us
+    (they run in their own session) and keep the GPUs busy for whatever runs next."""
+    for proc in _RUNNING:
+        kill_tree(proc.pid)
+    sys.exit(128 + signum)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts each worker in a session of its own, so killing the
+    launcher's process group is not enough)."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 def launch(procs: int, variant: str, out: Path, *, tiny: bool, cpu: bool, timeout_s: float, extra: list[str]) -> dict:
@@ -37,14 +64,16 @@ def launch(procs: int, variant: str, out: Path, *, tiny: bool, cpu: bool, timeou
     env = os.environ | {"PYTHONUNBUFFERED": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})
     log_path = out / f"launch_{variant}_{procs}.log"
     with log_path.open("w") as log_file:  # streamed, so a launch that times out still leaves its log
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env)
+        _RUNNING.append(proc)
         try:
             returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker process
+            kill_tree(proc.pid)  # the launcher and every worker process
             proc.wait()
             returncode = None
+        finally:
+            _RUNNING.remove(proc)
     log = log_path.read_text()
     print(log[-3000:], flush=True)
     path = out / f"train_step_ddp{procs}.json"
@@ -68,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dump-stacks-after-s", type=float, default=0, help="passed to train_step.py (hangs)")
     parser.add_argument("--reuse", action="store_true", help="take runs already in --out instead of launching them")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
 
     if args.procs is None:
         import torch

@@ -491,6 +491,9 @@ def ddp_step(setup: Setup, clock: Clock, opts: StepOptions, accelerator, matmul:
     accelerator.wait_for_everyone()
     row |= time_ms(step, setup.device, warmup=2, iters=iters)
     row["peak_gb"] = peak_memory_gb(setup.device)
+    row["phases_ms"] = phases = step.phase_ms()  # of the last timed call
+    if phases and step.cross:
+        row["bridge_share"] = (phases["bridge fwd"] + phases["bridge bwd"]) / sum(phases.values())
     with torch.compiler.set_stance("force_eager"):  # every rank runs it: DDP's all-reduce needs both
         row["tflop"] = count_flops(step) / 1e12
     row["mfu"] = row["tflop"] * 1e12 / (row["ms"] * 1e-3) / matmul
