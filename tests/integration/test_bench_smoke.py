@@ -1,0 +1,56 @@
+"""The benchmark scripts still run end to end (tiny configs, CPU), so they do not rot between GPU sessions.
+
+Not timed tests: only that each script finishes and writes a report with the rows it promises (~45 s in all).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, *args: str, timeout: int = 600) -> None:
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--tiny", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_infer_one_step_tiny(tmp_path):
+    run_bench("infer_one_step.py", "--out", str(tmp_path), "--iters", "2")
+    report = json.loads((tmp_path / "infer_one_step.json").read_text())
+    rows = {r["name"]: r for r in report["results"]}
+    assert rows, "no variant ran"
+    baseline = report["results"][0]
+    assert baseline["name"].startswith("eager")
+    for b in ("1", "8"):
+        assert math.isfinite(baseline["batches"][b]["ms"]) and baseline["batches"][b]["finite"]
+    assert set(report["split"]) >= {"unet", "decode"}
+    assert (tmp_path / "infer_one_step.md").read_text().startswith("# One-step SD 1.5 inference")
+
+
+def test_train_step_tiny(tmp_path):
+    run_bench("train_step.py", "--parts", "step", "--variants", "eager", "fused", "same_eager", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "train_step.json").read_text())
+    assert not report.get("errors"), report.get("errors")
+    names = [r["name"] for r in report["steps"]]
+    assert len(names) == 3 and "same space" in names[2]
+    for row in report["steps"]:
+        assert row["tflop"] > 0 and row["ms"] > 0 and 0 < row["mfu"]
+    # the cross-space step does more arithmetic than the same-space one (SD3 Teacher + Bridge)
+    assert report["steps"][0]["tflop"] > report["steps"][2]["tflop"]
+
+
+def test_train_scaling_two_cpu_processes(tmp_path):
+    """DDP through `accelerate launch` with two gloo processes: the world size reaches the step."""
+    cmd = [sys.executable, str(ROOT / "bench" / "train_scaling.py"), "--tiny", "--cpu", "--procs", "1", "2",
+           "--variants", "fused", "--out", str(tmp_path), "--timeout-s", "300"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = json.loads((tmp_path / "train_scaling.json").read_text())["rows"]
+    assert [r["world_size"] for r in rows] == [1, 2]
+    assert rows[1]["samples_per_s"] > 0
