@@ -59,7 +59,7 @@ from common import (
 )
 from crossdistill.bridge.model import Projector
 from crossdistill.train.distill import LORA_TARGETS
-from crossdistill.train.perf import compile_blocks, make_adamw
+from crossdistill.train.perf import compile_blocks, make_adamw, to_channels_last
 
 SQRT_AB, SQRT_1M_AB = 0.00466**0.5, (1 - 0.00466) ** 0.5  # SD 1.5's ᾱ at t = 999 (see export/fast.py)
 SD15_SCALE = 0.18215
@@ -193,6 +193,7 @@ class StepOptions:
     compile: bool = False  # regional torch.compile of every repeated block (perf.compile_blocks)
     fused_adamw: bool = False  # fused single-kernel AdamW (perf.make_adamw); off = foreach
     fake: str = "copy"  # fake score: a full copy of the Teacher, or "lora" on the shared Teacher base
+    channels_last: bool = False  # NHWC weights for UNets, decoder and projector (perf.to_channels_last)
     lora_rank: int = 64
 
     @property
@@ -201,6 +202,8 @@ class StepOptions:
         opts = ["compiled" if self.compile else "eager", "fused AdamW" if self.fused_adamw else "foreach AdamW"]
         if self.fake == "lora":
             opts.append(f"LoRA r{self.lora_rank} fake score")
+        if self.channels_last:
+            opts.append("channels_last")
         return f"DMD2 step {what}, b{self.batch}, {', '.join(opts)}"
 
 
@@ -245,6 +248,10 @@ class DMD2Step:
             self.fake = self.real
         else:
             self.fake = copy.deepcopy(self.real).requires_grad_(True)
+        if opts.channels_last:  # the convolutional modules; the trainer's train.channels_last picks the same ones
+            conv = [self.gen] + ([self.vae.decoder, self.proj] if self.cross else [self.real, self.fake])
+            for m in conv:
+                to_channels_last(m)
         if opts.compile:
             modules = [self.gen, self.real] + ([] if self.fake is self.real else [self.fake])
             modules += [self.vae.decoder, self.proj] if self.cross else []
@@ -264,6 +271,8 @@ class DMD2Step:
             if self.fake is not self.real:
                 self.fake_call, self.opt_f = accelerator.prepare(self.fake, self.opt_f)
         self.noise, self.emb = setup.unet_inputs(b)
+        if opts.channels_last:
+            self.noise = self.noise.contiguous(memory_format=torch.channels_last)
         self.both = {k: torch.cat([self.cond[k], self.uncond[k]]) for k in self.cond}
         self.t = torch.full((b,), 999, device=setup.device)
         self.events: list = []
@@ -474,6 +483,8 @@ VARIANTS: dict[str, tuple[StepOptions, float]] = {
     "compiled_b4_lora": (StepOptions(batch=4, compile=True, fused_adamw=True, fake="lora"), 150),
     "compiled_b4": (StepOptions(batch=4, compile=True, fused_adamw=True), 150),
     "fused_b4": (StepOptions(batch=4, fused_adamw=True), 50),
+    "compiled_cl": (StepOptions(compile=True, fused_adamw=True, channels_last=True), 240),
+    "compiled_b4_cl": (StepOptions(batch=4, compile=True, fused_adamw=True, channels_last=True), 150),
 }
 DEFAULT_VARIANTS = ["eager", "fused", "same_eager", "compiled", "same_compiled", "compiled_b4_lora"]
 
