@@ -56,7 +56,7 @@ def sd15_vae_config(tiny: bool = False) -> dict:
 
 
 def sd35_medium_config(tiny: bool = False) -> dict:
-    """Stable Diffusion 3.5 Medium's SD3Transformer2DModel (MMDiT-X, 2.5 B parameters)."""
+    """Stable Diffusion 3.5 Medium's SD3Transformer2DModel (MMDiT-X, 2.24 B parameters as built here)."""
     if tiny:
         return dict(
             sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,

@@ -54,3 +54,13 @@ def test_train_scaling_two_cpu_processes(tmp_path):
     rows = json.loads((tmp_path / "train_scaling.json").read_text())["rows"]
     assert [r["world_size"] for r in rows] == [1, 2]
     assert rows[1]["samples_per_s"] > 0
+
+
+def test_trainer_step_tiny(tmp_path):
+    """The real DistillTrainer, built from a preset on injected spaces, times both updates and counts their FLOPs."""
+    run_bench("trainer_step.py", "--variants", "preset", "--iters", "1", "--out", str(tmp_path))
+    row = json.loads((tmp_path / "trainer_step.json").read_text())["rows"][0]
+    assert "error" not in row, row.get("error")
+    assert row["generator_update"]["ms"] > 0 and row["critic_update"]["ms"] > 0
+    assert row["generator_tflop"] > row["critic_tflop"] > 0  # the generator update runs real + fake score and more
+    assert row["critic_steps_per_generator_step"] == 10  # the preset's, not overridden

@@ -1,0 +1,240 @@
+"""Benchmark: the real distillation trainer's step (crossdistill.train.distill.DistillTrainer) at real sizes.
+
+bench/train_step.py composes the DMD2 step from the model classes; this one runs the trainer itself, with a
+preset's config (fp32 master weights under bf16 autocast, EMA, gradient clipping, the NaN guard, LoRA or copy fake
+score, the speed options), on spaces of the real architectures with random weights:
+
+- Student: SD 1.5 UNet + SD 1.5 VAE at 512 px; Teacher: SD3.5-Medium MMDiT + SD3 VAE (16 channels) at 1024 px;
+- the Bridge: a freshly built ``prior_projector`` (full decode + projector), saved and loaded as a trained one is;
+- the text encoders keep their output widths (CLIP 768 / 1280 with projections, T5 4096; 77 + 256 tokens) but have
+  two layers: they only run once at start-up to fill the prompt-embedding cache, never inside a step.
+
+Each variant is a config override on the preset; the generator update and the critic update are timed separately
+(the trainer runs ``critic_steps_per_generator_step`` critic updates per generator update).
+
+    PYTHONUNBUFFERED=1 python bench/trainer_step.py --out $OUT                              # GPU, real sizes
+    python bench/trainer_step.py --tiny --out /tmp/bench                                     # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from common import (
+    Clock,
+    build,
+    count_flops,
+    env_markdown,
+    environment,
+    fresh_peak,
+    matmul_tflops,
+    peak_memory_gb,
+    sd15_unet_config,
+    sd15_vae_config,
+    sd35_medium_config,
+    sync,
+    write_report,
+)
+from crossdistill.bridge.model import Bridge
+from crossdistill.config import apply_overrides
+from crossdistill.train import distill
+from crossdistill.train.presets import PRESETS
+
+# name -> (config overrides on the preset, rough cost in s at real size on an H100-class GPU incl. compile)
+VARIANTS: dict[str, tuple[list[str], float]] = {
+    "preset": ([], 90),
+    "preset_compiled": (["train.compile=true"], 300),
+    "compiled_no_ckpt": (["train.compile=true", "train.gradient_checkpointing=false"], 300),
+}
+
+
+def real_spaces(device: torch.device):
+    """SD 1.5 Student and SD3.5-Medium Teacher spaces of the real sizes, random weights (text encoders: 2 layers)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+
+    from crossdistill.models.loading import codec_from_vae
+    from crossdistill.models.sd3 import SD3Denoiser, SD3Space, flow_scheduler
+    from crossdistill.models.sd15 import SD15Denoiser, SD15Space, ddpm_scheduler
+    from crossdistill.models.text import GenericTextEncoder, SD3PromptEncoder, tiny_clip, tiny_t5, tiny_tokenizer
+
+    f32 = torch.float32  # the trainer casts: frozen parts to its mixed precision, trained parts to fp32
+    unet = build(UNet2DConditionModel, sd15_unet_config(), device, f32)
+    sd15_vae = build(AutoencoderKL, sd15_vae_config() | {"scaling_factor": 0.18215}, device, f32)
+    text = GenericTextEncoder(tiny_clip(0, 768, max_length=77), tiny_tokenizer(77))
+    student = SD15Space(codec_from_vae(sd15_vae), SD15Denoiser(unet, ddpm_scheduler()), text, resolution=512)
+
+    mmdit = build(SD3Transformer2DModel, sd35_medium_config(), device, f32)
+    sd3_vae_cfg = sd15_vae_config() | dict(
+        latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    sd3_vae = build(AutoencoderKL, sd3_vae_cfg, device, f32)
+    encoder = SD3PromptEncoder(
+        tiny_clip(1, 768, projection=True, max_length=77), tiny_tokenizer(77),
+        tiny_clip(2, 1280, projection=True, max_length=77), tiny_tokenizer(77),
+        tiny_t5(3, 4096), tiny_tokenizer(256), joint_attention_dim=4096, max_sequence_length=256,
+    )  # fmt: skip
+    teacher = SD3Space(codec_from_vae(sd3_vae), SD3Denoiser(mmdit, flow_scheduler(3.0), shift=3.0), encoder,
+                       resolution=1024)  # fmt: skip
+    return student, teacher
+
+
+def tiny_spaces(device: torch.device):
+    from crossdistill.models.sd3 import SD3Space
+    from crossdistill.models.sd15 import SD15Space
+
+    return SD15Space.tiny(seed=0), SD3Space.tiny(seed=1)
+
+
+def make_trainer(args, overrides: list[str], work: Path):
+    """A DistillTrainer on freshly built spaces (each variant trains its own copy), the Bridge saved beside it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student, teacher = (tiny_spaces if args.tiny else real_spaces)(device)
+    spaces = {"bench:student": student, "bench:teacher": teacher}
+    bridge_dir = work / "bridge"
+    if not bridge_dir.exists():
+        Bridge.build("prior_projector", student, teacher).save_pretrained(bridge_dir)
+    prompts = work / "prompts.txt"
+    prompts.write_text("".join(f"bench prompt number {i}\n" for i in range(64)))
+    cfg = PRESETS[args.preset]()
+    cfg = apply_overrides(cfg, [
+        "model.student_path=bench:student", "model.teacher_path=bench:teacher", f"model.bridge_path={bridge_dir}",
+        f"data.prompts={prompts}", f"train.batch_size={args.batch}", *overrides,
+    ])  # fmt: skip
+    run_dir = Path(tempfile.mkdtemp(dir=work, prefix="run_"))
+    original = distill.load_space
+    distill.load_space = lambda family, path: spaces[path]  # the trainer asks for its spaces by config path
+    try:
+        return distill.DistillTrainer(cfg, run_dir)
+    finally:
+        distill.load_space = original
+
+
+def time_update(fn, device: torch.device, warmup: int, iters: int) -> dict:
+    """Median ms of ``fn(step)`` with fresh step numbers (each update draws its own batch and noise)."""
+    step = iter(range(1, 10**6))
+    for _ in range(warmup):
+        fn(next(step))
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn(next(step))
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"ms": times[len(times) // 2], "ms_min": times[0], "ms_max": times[-1], "iters": iters}
+
+
+def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float, clock: Clock) -> dict:
+    row: dict = {"name": name, "overrides": overrides, "preset": args.preset, "batch": args.batch}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trainer = None
+    try:
+        with fresh_peak(device):
+            t0 = time.monotonic()
+            trainer = make_trainer(args, overrides, work)
+            row["build_s"] = time.monotonic() - t0
+            t0 = time.monotonic()
+            trainer.generator_step(1)
+            trainer.critic_step(1)
+            sync(device)
+            row["first_updates_s"] = time.monotonic() - t0  # compile (when on) and optimizer-state allocation
+            row["generator_update"] = time_update(trainer.generator_step, device, 1, args.iters)
+            row["critic_update"] = time_update(trainer.critic_step, device, 1, args.iters)
+            row["peak_gb"] = peak_memory_gb(device)
+        with torch.compiler.set_stance("force_eager"):
+            row["generator_tflop"] = count_flops(lambda: trainer.generator_step(10**6)) / 1e12
+            row["critic_tflop"] = count_flops(lambda: trainer.critic_step(10**6)) / 1e12
+        k = trainer.cfg.train.critic_steps_per_generator_step
+        g, c = row["generator_update"]["ms"], row["critic_update"]["ms"]
+        row["critic_steps_per_generator_step"] = k
+        row["one_plus_one_ms"] = g + c
+        row["mfu_one_plus_one"] = (row["generator_tflop"] + row["critic_tflop"]) * 1e12 / ((g + c) * 1e-3) / matmul
+        row["cycle_ms"] = g + k * c  # one generator update and its k critic updates
+        row["mfu_cycle"] = (row["generator_tflop"] + k * row["critic_tflop"]) * 1e12 / ((g + k * c) * 1e-3) / matmul
+        row["samples_per_s_generator"] = args.batch / (row["cycle_ms"] * 1e-3)
+    except torch.OutOfMemoryError as err:
+        row["error"] = f"out of memory: {str(err)[:300]}"
+        row["peak_gb"] = peak_memory_gb(device)
+    except Exception as err:  # a failing variant is a result; the others still run
+        row["error"] = f"{type(err).__name__}: {str(err)[:500]}\n{traceback.format_exc()[-2000:]}"
+    print(f"[{clock.elapsed():5.0f} s] {name}: {row}", flush=True)
+    trainer = None
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the families' tiny spaces (CPU smoke test)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--preset", default="sd15_from_sd35_medium", choices=sorted(PRESETS))
+    parser.add_argument("--batch", type=int, default=4, help="train.batch_size (the preset's is 4)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--budget-s", type=float, default=540)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock = Clock(args.budget_s)
+    torch.backends.cudnn.benchmark = True
+    env = environment(device)
+    env["bf16_matmul_tflops"] = matmul_tflops(device)
+    print(env, flush=True)
+    report: dict = {"env": env, "command": " ".join(sys.argv), "rows": [], "skipped": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.variants:
+            overrides, cost = VARIANTS[name]
+            if not args.tiny and not clock.allows(cost):
+                report["skipped"].append(f"{name} ({clock.elapsed():.0f} s used of {args.budget_s:.0f} s)")
+                continue
+            report["rows"].append(
+                run_variant(args, name, overrides, Path(tmp), env["bf16_matmul_tflops"] * 1e12, clock)
+            )
+            write_report(args.out, "trainer_step", report, to_markdown(report))
+    write_report(args.out, "trainer_step", report, to_markdown(report))
+    print(to_markdown(report), flush=True)
+    return 0 if all("error" not in r for r in report["rows"]) else 1
+
+
+def to_markdown(report: dict) -> str:
+    env = report["env"]
+    lines = [
+        "# The distillation trainer's step at real sizes (random weights)\n",
+        env_markdown(env, report["command"]),
+        f"MFU over the measured bf16 matmul rate ({env['bf16_matmul_tflops']:.0f} TFLOP/s). A cycle = one generator "
+        "update and its critic updates.\n",
+        "| variant | overrides | generator ms | critic ms | 1+1 MFU | cycle ms | cycle MFU | samples/s | peak GiB "
+        "| first updates s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        head = f"| {r['name']} | {' '.join(r['overrides']) or '–'} "
+        if "error" in r:
+            lines.append(head + f"| {r['error'].splitlines()[0][:150]} | | | | | | | |")
+            continue
+        lines.append(
+            head + f"| {r['generator_update']['ms']:.0f} | {r['critic_update']['ms']:.0f} "
+            f"| {r['mfu_one_plus_one']:.0%} | {r['cycle_ms']:.0f} (1+{r['critic_steps_per_generator_step']}) "
+            f"| {r['mfu_cycle']:.0%} | {r['samples_per_s_generator']:.2f} "
+            f"| {'–' if r['peak_gb'] is None else format(r['peak_gb'], '.1f')} | {r['first_updates_s']:.0f} |"
+        )
+    if report["skipped"]:
+        lines.append(f"\nSkipped: {report['skipped']}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
