@@ -25,9 +25,16 @@ def smoke_recipe() -> ToyRecipe:
     )
 
 
-@pytest.mark.slow
-def test_smoke_build_writes_loadable_world(tmp_path):
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)  # later tests get the thread count they started with
+
+
+@pytest.mark.slow
+def test_smoke_build_writes_loadable_world(tmp_path, two_threads):
     manifest = Builder(smoke_recipe(), tmp_path, "cpu", progress=False).run(STAGES)
     assert set(manifest["files"]) == set(toy.FILES)
     assert json.loads((tmp_path / toy.MANIFEST).read_text())["metrics"]["num_prompts"] == 4
