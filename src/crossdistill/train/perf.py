@@ -2,8 +2,9 @@
 
 - :func:`compile_blocks`: *regional* ``torch.compile``: each repeated block (an MMDiT / FLUX block, a UNet
   transformer or residual block, a Bridge projector block) is compiled in place, not the whole model. Blocks of one
-  class share one compiled program (parameters are graph inputs), so a 24-block SD3.5 compiles one block, not 24:
-  minutes of compile become tens of seconds, and the fusions that matter (norm + modulation + activation into the
+  class and input shape share one compiled program (parameters are graph inputs), so compile time grows with the
+  number of distinct block shapes, not with depth (the whole cross-space SD3.5-M step: 227 s cold, 24 s from
+  inductor's cache, docs/performance.md), while the fusions that matter (norm + modulation + activation into the
   neighbouring kernels) are the same. The glue between blocks stays eager.
 - :func:`make_adamw`: AdamW with the fused (single-kernel) update where the parameters allow it.
 - :func:`to_channels_last`: NHWC weights for convolution-heavy modules (UNet, VAE decoder, projector);
