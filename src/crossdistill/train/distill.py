@@ -256,13 +256,11 @@ def load_space(family: str, path: str) -> Space:
     if kind == "tiny":
         return get_family(family).tiny(seed=int(arg or 0))
     if kind == "emoji":
-        from crossdistill.eval.loaders import toy_world
+        from crossdistill.toy.world import load_world
 
         if arg not in ("teacher", "student"):
             raise ConfigError(f"{path!r}: the emoji world has the spaces 'emoji:teacher' and 'emoji:student'")
-        # The shipped world is loaded (and hash-checked) once per process; each call gets its own copy, since a
-        # run trains one space's denoiser and may freeze or LoRA-wrap the other's.
-        space = copy.deepcopy(getattr(toy_world("cpu"), arg))
+        space = getattr(load_world(), arg)
         if space.family != family:
             raise ConfigError(f"{path!r} is a {space.family} space, but the config says family {family!r}")
         return space
