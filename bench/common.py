@@ -198,6 +198,11 @@ def write_report(out_dir: Path, name: str, report: dict, markdown: str) -> None:
     (out_dir / f"{name}.md").write_text(markdown)
 
 
+def fmt(x, spec: str = ".1f") -> str:
+    """A report cell: ``x`` formatted, or a dash where it was not measured."""
+    return "–" if x is None else format(x, spec)
+
+
 def env_markdown(env: dict, command: str) -> str:
     keys = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("date", "device"))
     return f"Device: **{env['device']}** · {env['date']} · {keys}\n\nCommand: `{command}`\n"

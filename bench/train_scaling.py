@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import write_report
+from common import env_markdown, fmt, write_report
 
 HERE = Path(__file__).resolve().parent
 _RUNNING: list[subprocess.Popen] = []  # the launch in flight (its own process group)
@@ -141,9 +141,7 @@ def to_markdown(report: dict) -> str:
     env = next((r["env"] for r in report["rows"] if "env" in r), {})
     lines = [
         "# Multi-GPU scaling of the DMD2 step (accelerate launch, DDP; each process its own batch)\n",
-        f"Device: **{env.get('device', '?')}** · {env.get('date', '?')} · torch {env.get('torch', '?')}, "
-        f"diffusers {env.get('diffusers', '?')}\n",
-        f"Command: `{report['command']}`\n",
+        env_markdown(env, report["command"]) if env else f"Command: `{report['command']}`\n",
         "| variant | processes | ms / step | samples/s | × one process | efficiency | MFU per GPU | peak GB |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -154,8 +152,7 @@ def to_markdown(report: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['processes']} | {r['ms']:.1f} | {r['samples_per_s']:.2f} "
             f"| {r.get('speedup_vs_1', float('nan')):.2f} | {r.get('efficiency', float('nan')):.0%} "
-            f"| {'–' if r.get('mfu') is None else format(r['mfu'], '.0%')} "
-            f"| {r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 1)} |"
+            f"| {fmt(r.get('mfu'), '.0%')} | {fmt(r['peak_gb'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -47,6 +47,7 @@ from common import (
     env_markdown,
     environment,
     flux_dev_config,
+    fmt,
     fresh_peak,
     matmul_tflops,
     peak_memory_gb,
@@ -349,34 +350,40 @@ class DMD2Step:
         return dict(zip(self.PHASES, times))
 
 
+def measure_step(setup: Setup, opts: StepOptions, matmul: float, *, iters: int = 5, accelerator=None) -> dict:
+    """Build one step variant, run its first step (compile, optimizer-state allocation), time it, and count its
+    FLOPs on the same step run eagerly (``force_eager``: FlopCounterMode does not see inside compiled code; the
+    arithmetic is the same). Under ``accelerate launch`` every rank runs all of it (DDP's all-reduces need both)."""
+    row: dict = {}
+    t0 = time.monotonic()
+    step = DMD2Step(setup, opts, accelerator=accelerator)
+    step()
+    sync(setup.device)
+    row["first_step_s"] = time.monotonic() - t0
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    row |= time_ms(step, setup.device, warmup=2, iters=iters)
+    row["peak_gb"] = peak_memory_gb(setup.device)
+    row["compiled_blocks"] = getattr(step, "compiled_blocks", 0)
+    row["phases_ms"] = phases = step.phase_ms()  # of the last timed call
+    if phases and step.cross:
+        row["bridge_share"] = (phases["bridge fwd"] + phases["bridge bwd"]) / sum(phases.values())
+    with torch.compiler.set_stance("force_eager"):
+        row["tflop"] = count_flops(step) / 1e12
+    row["mfu"] = row["tflop"] * 1e12 / (row["ms"] * 1e-3) / matmul
+    row["samples_per_s"] = opts.batch / (row["ms"] * 1e-3)
+    return row
+
+
 def dmd2_step(setup: Setup, clock: Clock, opts: StepOptions, matmul: float, *, iters: int = 5) -> dict:
-    """Time one composed step variant. FLOPs are counted on the same step run eagerly (``force_eager``:
-    FlopCounterMode does not see inside compiled code; the arithmetic is the same)."""
+    """Time one composed step variant on one GPU; an OOM is recorded, not raised."""
     row: dict = {"name": opts.name, "options": asdict(opts)}
-    step = None
     try:
         with fresh_peak(setup.device):
-            t0 = time.monotonic()
-            step = DMD2Step(setup, opts)
-            step()  # the first call compiles (when compiled) and allocates the optimizer states
-            sync(setup.device)
-            row["first_step_s"] = time.monotonic() - t0
-            row |= time_ms(step, setup.device, warmup=2, iters=iters)
-            row["peak_gb"] = peak_memory_gb(setup.device)
-        row["compiled_blocks"] = getattr(step, "compiled_blocks", 0)
-        row["phases_ms"] = step.phase_ms()
-        with torch.compiler.set_stance("force_eager"):
-            row["tflop"] = count_flops(step) / 1e12
-        row["mfu"] = row["tflop"] * 1e12 / (row["ms"] * 1e-3) / matmul
-        phases = row["phases_ms"]
-        if phases and step.cross:
-            bridge = phases["bridge fwd"] + phases["bridge bwd"]
-            row["bridge_share"] = bridge / sum(phases.values())
-        row["samples_per_s"] = opts.batch / (row["ms"] * 1e-3)
+            row |= measure_step(setup, opts, matmul, iters=iters)
     except torch.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err)[:200]}"
     print(f"[{clock.elapsed():5.0f} s] {opts.name}: {row}", flush=True)
-    del step
     gc.collect()
     if setup.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -494,22 +501,9 @@ def ddp_step(setup: Setup, clock: Clock, opts: StepOptions, accelerator, matmul:
     Every rank times the same calls (they synchronise in the gradient all-reduce); rank 0's numbers are reported."""
     world = accelerator.num_processes
     row: dict = {"name": f"{opts.name}, {world} process(es)", "options": asdict(opts), "world_size": world}
-    t0 = time.monotonic()
-    step = DMD2Step(setup, opts, accelerator=accelerator)
-    step()
-    sync(setup.device)
-    row["first_step_s"] = time.monotonic() - t0
-    accelerator.wait_for_everyone()
-    row |= time_ms(step, setup.device, warmup=2, iters=iters)
-    row["peak_gb"] = peak_memory_gb(setup.device)
-    row["phases_ms"] = phases = step.phase_ms()  # of the last timed call
-    if phases and step.cross:
-        row["bridge_share"] = (phases["bridge fwd"] + phases["bridge bwd"]) / sum(phases.values())
-    with torch.compiler.set_stance("force_eager"):  # every rank runs it: DDP's all-reduce needs both
-        row["tflop"] = count_flops(step) / 1e12
-    row["mfu"] = row["tflop"] * 1e12 / (row["ms"] * 1e-3) / matmul
-    row["samples_per_s"] = world * opts.batch / (row["ms"] * 1e-3)
-    row["samples_per_s_per_gpu"] = opts.batch / (row["ms"] * 1e-3)
+    row |= measure_step(setup, opts, matmul, iters=iters, accelerator=accelerator)
+    row["samples_per_s_per_gpu"] = row["samples_per_s"]
+    row["samples_per_s"] = world * row["samples_per_s_per_gpu"]
     print(f"[{clock.elapsed():5.0f} s] rank {accelerator.process_index}: {row}", flush=True)
     return row
 
@@ -595,10 +589,6 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator is not None:
         accelerator.end_training()
     return 1 if accelerator is not None and report.get("errors") else 0
-
-
-def fmt(x, spec: str = ".1f") -> str:
-    return "–" if x is None else format(x, spec)
 
 
 def to_markdown(report: dict) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ from common import (
     count_flops,
     env_markdown,
     environment,
+    fmt,
     fresh_peak,
     matmul_tflops,
     peak_memory_gb,
@@ -41,6 +43,7 @@ from common import (
     sd15_vae_config,
     sd35_medium_config,
     sync,
+    time_ms,
     write_report,
 )
 from crossdistill.bridge.model import Bridge
@@ -118,22 +121,6 @@ def make_trainer(args, overrides: list[str], work: Path):
         distill.load_space = original
 
 
-def time_update(fn, device: torch.device, warmup: int, iters: int) -> dict:
-    """Median ms of ``fn(step)`` with fresh step numbers (each update draws its own batch and noise)."""
-    step = iter(range(1, 10**6))
-    for _ in range(warmup):
-        fn(next(step))
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn(next(step))
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"ms": times[len(times) // 2], "ms_min": times[0], "ms_max": times[-1], "iters": iters}
-
-
 def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float, clock: Clock) -> dict:
     row: dict = {"name": name, "overrides": overrides, "preset": args.preset, "batch": args.batch}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -148,8 +135,12 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
             trainer.critic_step(1)
             sync(device)
             row["first_updates_s"] = time.monotonic() - t0  # compile (when on) and optimizer-state allocation
-            row["generator_update"] = time_update(trainer.generator_step, device, 1, args.iters)
-            row["critic_update"] = time_update(trainer.critic_step, device, 1, args.iters)
+            # fresh step numbers: each update draws its own batch and noise
+            steps = itertools.count(2)
+            row["generator_update"] = time_ms(lambda: trainer.generator_step(next(steps)), device, warmup=1,
+                                              iters=args.iters)  # fmt: skip
+            row["critic_update"] = time_ms(lambda: trainer.critic_step(next(steps)), device, warmup=1,
+                                           iters=args.iters)  # fmt: skip
             row["peak_gb"] = peak_memory_gb(device)
         with torch.compiler.set_stance("force_eager"):
             row["generator_tflop"] = count_flops(lambda: trainer.generator_step(10**6)) / 1e12
@@ -229,7 +220,7 @@ def to_markdown(report: dict) -> str:
             head + f"| {r['generator_update']['ms']:.0f} | {r['critic_update']['ms']:.0f} "
             f"| {r['mfu_one_plus_one']:.0%} | {r['cycle_ms']:.0f} (1+{r['critic_steps_per_generator_step']}) "
             f"| {r['mfu_cycle']:.0%} | {r['samples_per_s_generator']:.2f} "
-            f"| {'–' if r['peak_gb'] is None else format(r['peak_gb'], '.1f')} | {r['first_updates_s']:.0f} |"
+            f"| {fmt(r['peak_gb'])} | {r['first_updates_s']:.0f} |"
         )
     if report["skipped"]:
         lines.append(f"\nSkipped: {report['skipped']}")
