@@ -46,6 +46,7 @@ from common import (
     write_report,
 )
 from crossdistill.export.fast import SD15_SCALE, FastPathOptions, OneStepRunner
+from crossdistill.models.subpixel import disable_subpixel_upsample
 
 REPORT = "infer_one_step"
 
@@ -55,13 +56,14 @@ class Variant:
     name: str
     options: FastPathOptions
     cost_s: float  # rough wall time of the variant at real size, compile included: skipped when it would not fit
-    default: bool = False  # the library default: profile and split run right after it
+    default: bool = False  # the library default: profile and split run right after it (unless --focus)
 
 
 EAGER = dict(dtype="bfloat16", channels_last=False, compile=None, cuda_graphs=False)
 DEFAULT = asdict(FastPathOptions())  # the library default (compile "default" + cuda_graphs + channels_last, bf16)
 FUSE = dict(fuse_qkv=True)
 TUNING = dict(inductor_tuning=True)
+SUB = dict(subpixel_upsample=True)
 
 # Costs: on the 16-core H100 machine a cold compile in mode "default" took ~65 s per batch size (two sizes here);
 # coordinate-descent tuning compiles and benchmarks variants of every Triton kernel, max-autotune also every
@@ -71,6 +73,8 @@ MAIN_VARIANTS: list[tuple[str, dict, float]] = [
     ("compile + cuda_graphs + channels_last (default)", DEFAULT, 150),
     ("default + fuse_qkv", DEFAULT | FUSE, 150),
     ("default + fuse_qkv + inductor_tuning", DEFAULT | FUSE | TUNING, 400),
+    ("default + subpixel_upsample", DEFAULT | SUB, 150),
+    ("default + subpixel_upsample + inductor_tuning", DEFAULT | SUB | TUNING, 400),
     ("compile max-autotune-no-cudagraphs + cuda_graphs + channels_last + fuse_qkv + inductor_tuning",
      DEFAULT | dict(compile="max-autotune-no-cudagraphs") | FUSE | TUNING, 900),
 ]  # fmt: skip
@@ -90,16 +94,21 @@ SPLIT_COST_S = 140  # two more compiled + captured graphs (UNet part, decode par
 PROFILE_COST_S = 15
 
 
-def variants(all_variants: bool = False, only: list[str] | None = None) -> list[Variant]:
-    """Eager baseline first, the library default second, then the rest cheapest first (compile-heavy ones last)."""
+def variants(all_variants: bool = False, only: list[str] | None = None, focus: str | None = None) -> list[Variant]:
+    """Eager baseline first, the library default second, then the rest cheapest first (compile-heavy ones last).
+
+    ``focus``: the variant (exact name) whose options the split and the profile use, instead of the default."""
     table = MAIN_VARIANTS + (EXTRA_VARIANTS if all_variants or only is not None else [])
+    if focus is not None and focus not in (n for n, _, _ in table):
+        raise SystemExit(f"--focus {focus!r} names no variant; choose one of: {', '.join(n for n, _, _ in table)}")
     rows = [
-        Variant(name=n, options=FastPathOptions(**kw), cost_s=c, default=i == 1) for i, (n, kw, c) in enumerate(table)
+        Variant(name=n, options=FastPathOptions(**kw), cost_s=c, default=n == focus if focus else i == 1)
+        for i, (n, kw, c) in enumerate(table)
     ]
     head, rest = rows[:2], sorted(rows[2:], key=lambda v: v.cost_s)
     picked = head + rest
     if only is not None:  # the eager baseline always runs: every speed-up is against it
-        picked = [picked[0]] + [v for v in picked[1:] if any(s in v.name for s in only)]
+        picked = [picked[0]] + [v for v in picked[1:] if v.default or any(s in v.name for s in only)]
     return picked
 
 
@@ -119,6 +128,15 @@ class DecodePart(OneStepRunner):
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+
+
+def restore(unet, vae) -> None:
+    """Undo what a runner did to the shared modules in place (fused q/k/v, sub-pixel upsamplers)."""
+    for m in (unet, vae):
+        fused = any(type(p).__name__ == "FusedAttnProcessor2_0" for p in m.attn_processors.values())
+        if fused and getattr(m, "original_attn_processors", None):
+            m.unfuse_qkv_projections()
+        disable_subpixel_upsample(m)
 
 
 def release(device: torch.device) -> None:
@@ -206,8 +224,10 @@ def profile_step(runner: OneStepRunner, embeds, noise, device: torch.device, cal
     }
 
 
-def measure_split(unet, vae, inputs: dict, device: torch.device, iters: int, flops: dict, rate: float) -> dict:
-    """UNet part and decode part of the default options, each compiled and captured exactly as the full step."""
+def measure_split(
+    unet, vae, inputs: dict, device: torch.device, iters: int, flops: dict, rate: float, options: FastPathOptions
+) -> dict:
+    """UNet part and decode part of ``options``, each compiled and captured exactly as the full step."""
     split: dict = {}
     parts = (
         ("unet", UNetPart, flops["unet_tflop"], lambda e, n: (e, n)),
@@ -216,7 +236,7 @@ def measure_split(unet, vae, inputs: dict, device: torch.device, iters: int, flo
     for part, cls, tflop, make_inputs in parts:
         row = split.setdefault(part, {"tflop_per_image": tflop, "batches": {}})
         try:
-            runner = cls(unet, vae, options=FastPathOptions(), device=device)
+            runner = cls(unet, vae, options=options, device=device)
             for b, (embeds, noise) in inputs.items():
                 _, timing = first_call_and_timing(runner, *make_inputs(embeds, noise), device, iters)
                 floor_ms = tflop * 1e12 * b / rate * 1e3  # tflop is in TFLOP, rate in FLOP/s
@@ -227,6 +247,7 @@ def measure_split(unet, vae, inputs: dict, device: torch.device, iters: int, flo
             row["error"] = f"{type(err).__name__}: {err}"[:2000]
             print(f"FAILED split {part}: {row['error']}", flush=True)
         runner = None
+        restore(unet, vae)
         release(device)
     return split
 
@@ -241,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-scale", type=float, default=1.0, help="scale the cost estimates (warm caches: <1)")
     parser.add_argument("--only", nargs="*", default=None, help="run only variants whose name contains one of these")
     parser.add_argument("--all", action="store_true", help="also the variants already measured and beaten")
+    parser.add_argument("--focus", default=None,
+                        help="the variant (exact name) whose options the split and the profile use; default: "
+                             "the library default")  # fmt: skip
     parser.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
                         help="time the UNet part and the decode part of the default separately")  # fmt: skip
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
@@ -283,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     flops["floor_ms_per_image"] = (flops_unet + flops_vae) / rate * 1e3
     print(flops, flush=True)
 
-    selected = variants(args.all, args.only)
+    selected = variants(args.all, args.only, args.focus)
     results: list[dict] = []
     report = {"env": env, "flops": flops, "results": results, "command": " ".join(sys.argv)}
 
@@ -330,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             if not (reason := fits("profile", PROFILE_COST_S)):
                 b = args.batch_sizes[0]
                 try:
-                    report["profile"] = profile_step(runner, *inputs[b], device, calls=3 if args.tiny else 10)
+                    prof = profile_step(runner, *inputs[b], device, calls=3 if args.tiny else 10)
+                    report["profile"] = prof | {"variant": variant.name}
                     print(f"profile: {report['profile']['busy_ms_per_call']:.2f} ms busy per call", flush=True)
                 except Exception as err:
                     report["profile"] = {"error": f"{type(err).__name__}: {err}"[:2000]}
@@ -339,14 +364,12 @@ def main(argv: list[str] | None = None) -> int:
                 report["profile"] = {"skipped": reason}
             save()
         runner = None
-        if variant.options.fuse_qkv:  # the runner fused the shared modules in place: undo for later variants
-            for m in (unet, vae):
-                if getattr(m, "original_attn_processors", None) is not None:
-                    m.unfuse_qkv_projections()
+        restore(unet, vae)  # the runner changed the shared modules in place: undo for later variants
         release(device)
         if variant.default and args.split:
             if not (reason := fits("split", SPLIT_COST_S)):
-                report["split"] = measure_split(unet, vae, inputs, device, args.iters, flops, rate)
+                split = measure_split(unet, vae, inputs, device, args.iters, flops, rate, variant.options)
+                report["split"] = split | {"variant": variant.name}
             else:
                 report["split"] = {"skipped": reason}
             save()
@@ -391,17 +414,19 @@ def split_markdown(report: dict) -> list[str]:
     split = report.get("split")
     if split is None:
         return []
-    lines = ["\n## Split of the default step: UNet part vs decode part\n"]
+    variant = split.get("variant", "compile + cuda_graphs + channels_last (default)")  # older reports: the default
+    lines = [f"\n## Split of the step of `{variant}`: UNet part vs decode part\n"]
     if "skipped" in split:
         return lines + [f"Skipped: {split['skipped']}"]
-    default = next((r for r in report["results"] if r["name"].endswith("(default)")), {"batches": {}})
+    default = next((r for r in report["results"] if r["name"] == variant), {"batches": {}})
     lines += [
         "UNet part = UNet + x0 formula; decode part = VAE decode + clamp; each compiled and captured in its own "
-        "CUDA graph with the default options. Floor = the part's FLOPs at the measured bf16 matmul rate.\n",
+        "CUDA graph with that variant's options. Floor = the part's FLOPs (stock modules) at the measured bf16 "
+        "matmul rate.\n",
         "| part | batch | TFLOP | ms (min–max) | floor ms | floor / time | first call s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for part, row in split.items():
+    for part, row in ((p, split[p]) for p in ("unet", "decode") if p in split):
         if "error" in row:
             lines.append(f"| {part} | – | | {row['error'][:300]} | | | |")
         for b, r in row["batches"].items():
@@ -415,7 +440,7 @@ def split_markdown(report: dict) -> list[str]:
         if len(parts) == 2 and all(parts):
             total = parts[0]["ms"] + parts[1]["ms"]
             lines.append(
-                f"\nBatch {b}: UNet + decode = {total:.2f} ms vs the full default step "
+                f"\nBatch {b}: UNet + decode = {total:.2f} ms vs the full step "
                 f"{default['batches'][b]['ms']:.2f} ms; UNet {100 * parts[0]['ms'] / total:.0f}% of the parts' time."
             )
     return lines
@@ -425,7 +450,8 @@ def profile_markdown(report: dict) -> list[str]:
     prof = report.get("profile")
     if prof is None:
         return []
-    lines = ["\n## Profile of the default's compiled step, no CUDA graph\n"]
+    variant = prof.get("variant", "compile + cuda_graphs + channels_last (default)")
+    lines = [f"\n## Profile of the compiled step of `{variant}`, no CUDA graph\n"]
     if "skipped" in prof or "error" in prof:
         return lines + [f"Not run: {prof.get('skipped') or prof['error'][:500]}"]
     lines += [

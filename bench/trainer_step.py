@@ -56,6 +56,7 @@ VARIANTS: dict[str, tuple[list[str], float]] = {
     "preset": ([], 90),
     "preset_compiled": (["train.compile=true"], 300),
     "compiled_no_ckpt": (["train.compile=true", "train.gradient_checkpointing=false"], 300),
+    "compiled_subpixel": (["train.compile=true", "train.subpixel_upsample=true"], 300),
 }
 
 

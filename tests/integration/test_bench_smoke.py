@@ -25,6 +25,7 @@ def test_infer_one_step_tiny(tmp_path):
     report = json.loads((tmp_path / "infer_one_step.json").read_text())
     rows = {r["name"]: r for r in report["results"]}
     assert rows, "no variant ran"
+    assert "error" not in rows["default + subpixel_upsample"]
     baseline = report["results"][0]
     assert baseline["name"].startswith("eager")
     for b in ("1", "8"):

@@ -174,9 +174,10 @@ def test_defaults_and_cli_show_the_options(capsys):
 
     t = distill.TrainConfig()
     assert (t.compile, t.fused_optimizer, t.channels_last, t.offload_text_encoders) == (False, True, False, True)
+    assert t.subpixel_upsample is False
     assert main(["distill", "--preset", "emoji_shared", "--print-config"]) == 0
     out = capsys.readouterr().out
-    for key in ("compile", "fused_optimizer", "channels_last", "offload_text_encoders"):
+    for key in ("compile", "fused_optimizer", "channels_last", "offload_text_encoders", "subpixel_upsample"):
         assert f'"{key}"' in out
 
 
@@ -243,6 +244,25 @@ def test_channels_last_changes_the_layout_not_the_losses(cross_runs, tmp_path):
     assert not is_convolutional(sd3) and all(p.is_contiguous() for p in sd3.parameters())
     assert trainer.train() == 2
     _assert_losses_close(_losses(tmp_path / "run"), _losses(folder / "eager")[:2], rtol=1e-4, atol=1e-6)
+
+
+def test_subpixel_upsample_switches_the_upsamplers_not_the_losses_or_the_checkpoint(cross_runs, tmp_path):
+    from diffusers.models.upsampling import Upsample2D
+
+    from crossdistill.models.subpixel import SubpixelUpsample2D
+
+    folder, cfg = cross_runs
+    run = tmp_path / "run"
+    trainer = DistillTrainer(_cfg(cfg, subpixel_upsample=True, max_steps=2), run)
+    for module in (trainer.generator_denoiser.backbone, trainer.student.codec.vae.decoder):
+        ups = [m for m in module.modules() if isinstance(m, Upsample2D)]
+        assert ups and all(type(m) is SubpixelUpsample2D for m in ups)
+    assert trainer.train() == 2
+    # The checkpoint resumes a run with the option off (same parameters, same keys) on the eager trajectory.
+    resumed = DistillTrainer(_cfg(cfg, subpixel_upsample=False), run)
+    assert not any(type(m) is SubpixelUpsample2D for m in resumed.generator_denoiser.backbone.modules())
+    assert resumed.train() == 4
+    _assert_losses_close(_losses(run), _losses(folder / "eager"), rtol=1e-4, atol=1e-6)
 
 
 def test_to_channels_last_keeps_values():

@@ -43,6 +43,7 @@ from crossdistill.losses.dm import (
 from crossdistill.models.base import Denoiser, PromptEmbeds, Space
 from crossdistill.models.registry import get_family
 from crossdistill.models.registry import load_space as load_space_folder
+from crossdistill.models.subpixel import enable_subpixel_upsample
 from crossdistill.train.guard import NonFiniteGuard
 from crossdistill.train.perf import compile_blocks, is_convolutional, make_adamw, to_channels_last
 from crossdistill.train.runner import train_loop
@@ -54,7 +55,13 @@ logger = logging.getLogger(__name__)
 # The attention projections of UNet, MMDiT and FLUX blocks (diffusers names): where the fake score's LoRA goes.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 # Speed options change how a step runs, not what it computes (up to rounding): a run may resume with them toggled.
-SPEED_KEYS = ("train.compile", "train.fused_optimizer", "train.channels_last", "train.offload_text_encoders")
+SPEED_KEYS = (
+    "train.compile",
+    "train.fused_optimizer",
+    "train.channels_last",
+    "train.offload_text_encoders",
+    "train.subpixel_upsample",
+)
 DISTILL_RESUME_SAFE = (*RESUME_SAFE_KEYS, *SPEED_KEYS)
 # Where train.offload_text_encoders puts the encoders (tests set "meta": any later use of an encoder then fails).
 OFFLOAD_DEVICE = "cpu"
@@ -103,6 +110,7 @@ class TrainConfig:
     fused_optimizer: bool = True  # single-kernel AdamW update on CUDA (torch's default update elsewhere)
     channels_last: bool = False  # NHWC weights for the convolutional modules (UNet, VAEs, projector); not transformers
     offload_text_encoders: bool = True  # move both text encoders to CPU once every prompt embedding is cached
+    subpixel_upsample: bool = False  # UNet / VAE "nearest x2 + 3x3 conv" in exact sub-pixel form (models/subpixel.py)
 
 
 @dataclass(kw_only=True)
@@ -367,6 +375,9 @@ class DistillTrainer:
             for m in conv.values():
                 to_channels_last(m)
             logger.info("channels_last: %s", ", ".join(conv) or "no convolutional module in the step")
+        if t.subpixel_upsample:  # before the EMA copy too: the copy keeps the class
+            switched = {role: enable_subpixel_upsample(m) for role, m in step_modules.items()}
+            logger.info("subpixel_upsample: %s", ", ".join(f"{r} ({n})" for r, n in switched.items() if n) or "none")
         self.gan_head = self._build_gan_head(fake) if t.gan_weight > 0 else None
         self.ema = copy.deepcopy(generator).requires_grad_(False) if t.ema_decay > 0 else None
         if t.compile:  # after LoRA (peft wraps Linears first) and the EMA copy; before prepare (DDP wraps outside)
