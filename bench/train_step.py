@@ -58,7 +58,7 @@ from common import (
     time_ms,
     write_report,
 )
-from crossdistill.bridge.model import Projector
+from crossdistill.bridge.model import Projector, decoder_features, prior_geometry
 from crossdistill.models.subpixel import enable_subpixel_upsample
 from crossdistill.train.distill import LORA_TARGETS
 from crossdistill.train.perf import compile_blocks, make_adamw, to_channels_last
@@ -89,9 +89,14 @@ class Setup:
         vae.encoder = None  # the Bridge only decodes
         return vae.requires_grad_(False).eval()
 
-    def projector(self) -> Projector:
-        # The real Bridge projector P_φ: decoded 512 px image → 128×128×16 Teacher latent grid (total stride 4).
-        p = Projector(3, 16, in_size=512, out_size=128, hidden=32 if self.tiny else 128, num_blocks=4)
+    def projector(self, prior_up_blocks: int | None = None) -> Projector:
+        # The real Bridge projector P_φ: decoded 512 px image (or the decoder's features after prior_up_blocks
+        # up-blocks) → 128×128×16 Teacher latent grid.
+        channels = list(sd15_vae_config(self.tiny)["block_out_channels"])
+        space = {"resolution": 8 * self.student_latent, "latent_size": self.student_latent}
+        in_ch, in_size = prior_geometry(space, prior_up_blocks, channels)
+        out_size = 2 * self.student_latent  # the Teacher latent grid: 1024 px / 8
+        p = Projector(in_ch, 16, in_size, out_size, hidden=32 if self.tiny else 128, num_blocks=4)
         return p.to(self.device, self.dtype)
 
     def sd3(self) -> SD3Transformer2DModel:
@@ -197,6 +202,7 @@ class StepOptions:
     fake: str = "copy"  # fake score: a full copy of the Teacher, or "lora" on the shared Teacher base
     channels_last: bool = False  # NHWC weights for UNets, decoder and projector (perf.to_channels_last)
     subpixel: bool = False  # UNet / decoder upsample convs in sub-pixel form (models.subpixel)
+    prior_up_blocks: int | None = None  # the Bridge prior: full decode (None) or the decoder's first k up-blocks
     lora_rank: int = 64
 
     @property
@@ -209,6 +215,8 @@ class StepOptions:
             opts.append("channels_last")
         if self.subpixel:
             opts.append("subpixel_upsample")
+        if self.prior_up_blocks is not None:
+            opts.append(f"Bridge prior = {self.prior_up_blocks} decoder up-blocks")
         return f"DMD2 step {what}, b{self.batch}, {', '.join(opts)}"
 
 
@@ -236,7 +244,8 @@ class DMD2Step:
         self.gen = setup.unet()
         self.cross = opts.teacher == "sd35m"
         if self.cross:
-            self.vae, self.proj = setup.decoder(), setup.projector().requires_grad_(False)
+            self.vae = setup.decoder()
+            self.proj = setup.projector(opts.prior_up_blocks).requires_grad_(False)
             self.real = setup.sd3().requires_grad_(False)
             self.cond, self.uncond = setup.sd3_cond(b), setup.sd3_cond(b)
         else:
@@ -313,8 +322,11 @@ class DMD2Step:
         z_s = (self.noise - SQRT_1M_AB * eps) / SQRT_AB
         self.mark()
         if self.cross:
-            image = self.vae.decode(z_s / SD15_SCALE, return_dict=False)[0]
-            z_t = self.proj(image)
+            if self.opts.prior_up_blocks is None:
+                prior = self.vae.decode(z_s / SD15_SCALE, return_dict=False)[0]
+            else:
+                prior = decoder_features(self.vae, z_s / SD15_SCALE, self.opts.prior_up_blocks)
+            z_t = self.proj(prior)
         else:
             z_t = z_s * 1.0  # no Bridge: the Student's latent is the Teacher's
         self.mark()
@@ -502,6 +514,8 @@ VARIANTS: dict[str, tuple[StepOptions, float]] = {
     "fused_sp": (StepOptions(fused_adamw=True, subpixel=True), 40),
     "compiled_sp": (StepOptions(compile=True, fused_adamw=True, subpixel=True), 120),
     "compiled_b4_sp": (StepOptions(batch=4, compile=True, fused_adamw=True, subpixel=True), 150),
+    "compiled_b4_prior3": (StepOptions(batch=4, compile=True, fused_adamw=True, prior_up_blocks=3), 150),
+    "compiled_b4_prior2": (StepOptions(batch=4, compile=True, fused_adamw=True, prior_up_blocks=2), 150),
     "compiled_b4_sp_cl": (
         StepOptions(batch=4, compile=True, fused_adamw=True, subpixel=True, channels_last=True), 150),
 }

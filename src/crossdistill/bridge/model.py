@@ -94,7 +94,7 @@ class Projector(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def _prior_geometry(space: dict, prior_up_blocks: int | None, decoder_channels: list[int]) -> tuple[int, int]:
+def prior_geometry(space: dict, prior_up_blocks: int | None, decoder_channels: list[int]) -> tuple[int, int]:
     """Channels and grid size of what the frozen decoder prior hands to the projector."""
     if prior_up_blocks is None:
         return 3, space["resolution"]
@@ -106,6 +106,21 @@ def _prior_geometry(space: dict, prior_up_blocks: int | None, decoder_channels: 
         )
     rev = list(reversed(decoder_channels))
     return rev[prior_up_blocks - 1], space["latent_size"] * 2 ** min(prior_up_blocks, num_up - 1)
+
+
+def decoder_features(vae, z: Tensor, up_blocks: int) -> Tensor:
+    """A diffusers VAE's decoder on *unscaled* latents ``z``, stopped after its first ``up_blocks`` up-blocks.
+
+    Each up-block skipped saves convolutions at the largest grids. SD 1.5 at 512 px, batch 1 (counted): the whole
+    decode is 2.52 TFLOP, ``up_blocks=3`` (256 channels at 512×512) 1.95 TFLOP, ``up_blocks=2`` (512 channels at
+    256×256) 1.09 TFLOP, ``up_blocks=1`` (512 channels at 128×128) 0.31 TFLOP."""
+    if vae.post_quant_conv is not None:
+        z = vae.post_quant_conv(z)
+    dec = vae.decoder
+    h = dec.mid_block(dec.conv_in(z))
+    for block in dec.up_blocks[:up_blocks]:
+        h = block(h)
+    return h
 
 
 class Bridge(ModelMixin, ConfigMixin):
@@ -133,7 +148,7 @@ class Bridge(ModelMixin, ConfigMixin):
         s, t = student_space, teacher_space
         self.projector: nn.Module | None = None
         if kind == "prior_projector":
-            in_ch, in_size = _prior_geometry(s, prior_up_blocks, student_decoder_channels or [])
+            in_ch, in_size = prior_geometry(s, prior_up_blocks, student_decoder_channels or [])
             self.projector = Projector(
                 in_ch, t["latent_channels"], in_size, t["latent_size"], hidden_channels, num_blocks
             )
@@ -217,15 +232,7 @@ class Bridge(ModelMixin, ConfigMixin):
         k = self.config.prior_up_blocks
         if k is None:
             return codec.decode(z_s)
-        vae = codec.vae
-        dec = vae.decoder
-        z = (z_s / codec.scale + codec.shift).to(vae.dtype)
-        if vae.post_quant_conv is not None:
-            z = vae.post_quant_conv(z)
-        h = dec.mid_block(dec.conv_in(z))
-        for block in dec.up_blocks[:k]:
-            h = block(h)
-        return h
+        return decoder_features(codec.vae, (z_s / codec.scale + codec.shift).to(codec.vae.dtype), k)
 
     def forward(self, z_s: Tensor | None, prior: Tensor | None = None) -> Tensor:
         """``ẑ_t = B(z_s)``. ``prior``: a precomputed ``decoder_prior(z_s)`` for ``prior_projector`` (then ``z_s`` is
