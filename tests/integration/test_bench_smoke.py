@@ -65,3 +65,15 @@ def test_trainer_step_tiny(tmp_path):
     assert row["generator_update"]["ms"] > 0 and row["critic_update"]["ms"] > 0
     assert row["generator_tflop"] > row["critic_tflop"] > 0  # the generator update runs real + fake score and more
     assert row["critic_steps_per_generator_step"] == 10  # the preset's, not overridden
+
+
+def test_profile_counts_inductor_kernels_named_after_a_conv_as_triton():
+    """inductor names a conv's fused epilogue "triton_..._convolution_...": it is Triton work, not a cuDNN conv."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from infer_one_step import kernel_kind
+
+    assert kernel_kind("triton_per_fused_clone_convolution_native_group_norm_silu_194").startswith("Triton fused")
+    assert kernel_kind("triton_tem_fused_convolution_3").startswith("Triton template")
+    assert kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv (cuDNN)"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert kernel_kind("nvjet_sm90_tst_64x64_64x13_4x2_h_bz_TNT") == "GEMM (cuBLAS)"
