@@ -19,6 +19,7 @@ Each variant is a config override on the preset; the generator update and the cr
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import os
@@ -153,17 +154,21 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
         row["one_plus_one_ms"] = g + c
         row["cycle_ms"] = g + k * c  # one generator update and its k critic updates
         row["samples_per_s_generator"] = args.batch / (row["cycle_ms"] * 1e-3)
-        try:  # counted eagerly, after the timing: an OOM here (a near-full GPU) costs only the MFU columns
+        # Counted eagerly, after the timing, each update on its own: an OOM here (the preset fills an 80 GB GPU)
+        # costs only that update's MFU. The critic first: on the H100 its count ran out of memory after the
+        # generator's had succeeded.
+        for key, update in (("critic_tflop", trainer.critic_step), ("generator_tflop", trainer.generator_step)):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            with torch.compiler.set_stance("force_eager"):
-                row["generator_tflop"] = count_flops(lambda: trainer.generator_step(10**6)) / 1e12
-                row["critic_tflop"] = count_flops(lambda: trainer.critic_step(10**6)) / 1e12
+            try:
+                with torch.compiler.set_stance("force_eager"):
+                    row[key] = count_flops(functools.partial(update, 10**6)) / 1e12
+            except torch.OutOfMemoryError as err:
+                row.setdefault("flops_error", f"out of memory while counting {key}: {str(err)[:300]}")
+        if "generator_tflop" in row and "critic_tflop" in row:
             gt, ct = row["generator_tflop"], row["critic_tflop"]
             row["mfu_one_plus_one"] = (gt + ct) * 1e12 / ((g + c) * 1e-3) / matmul
             row["mfu_cycle"] = (gt + k * ct) * 1e12 / ((g + k * c) * 1e-3) / matmul
-        except torch.OutOfMemoryError as err:
-            row["flops_error"] = f"out of memory while counting FLOPs: {str(err)[:300]}"
     except torch.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err)[:300]}"
         row["peak_gb"] = peak_memory_gb(device)
