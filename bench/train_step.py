@@ -262,12 +262,12 @@ class DMD2Step:
             self.fake = self.real
         else:
             self.fake = copy.deepcopy(self.real).requires_grad_(True)
-        if opts.channels_last:  # the convolutional modules; the trainer's train.channels_last picks the same ones
-            conv = [self.gen] + ([self.vae.decoder, self.proj] if self.cross else [self.real, self.fake])
-            for m in conv:
+        # The convolutional modules: the trainer's train.channels_last / train.subpixel_upsample touch the same ones.
+        conv = [self.gen] + ([self.vae.decoder, self.proj] if self.cross else [self.real, self.fake])
+        for m in conv:
+            if opts.channels_last:
                 to_channels_last(m)
-        if opts.subpixel:  # the trainer's train.subpixel_upsample switches the same modules (the step modules)
-            for m in [self.gen] + ([self.vae.decoder] if self.cross else [self.real, self.fake]):
+            if opts.subpixel:
                 enable_subpixel_upsample(m)
         if opts.compile:
             modules = [self.gen, self.real] + ([] if self.fake is self.real else [self.fake])

@@ -234,8 +234,9 @@ def to_markdown(report: dict) -> str:
             continue
         lines.append(
             head + f"| {r['generator_update']['ms']:.0f} | {r['critic_update']['ms']:.0f} "
-            f"| {pct(r.get('mfu_one_plus_one'))} | {r['cycle_ms']:.0f} (1+{r['critic_steps_per_generator_step']}) "
-            f"| {pct(r.get('mfu_cycle'))} | {r['samples_per_s_generator']:.2f} "
+            f"| {fmt(r.get('mfu_one_plus_one'), '.0%')} "
+            f"| {r['cycle_ms']:.0f} (1+{r['critic_steps_per_generator_step']}) | {fmt(r.get('mfu_cycle'), '.0%')} "
+            f"| {r['samples_per_s_generator']:.2f} "
             f"| {fmt(r['peak_gb'])} | {r['first_updates_s']:.0f} |"
         )
     for r in report["rows"]:
@@ -245,9 +246,6 @@ def to_markdown(report: dict) -> str:
         lines.append(f"\nSkipped: {report['skipped']}")
     return "\n".join(lines) + "\n"
 
-
-def pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.0%}"
 
 
 if __name__ == "__main__":
