@@ -15,7 +15,9 @@ A save writes everything into ``step_N.tmp/``, fsyncs it, then renames it to ``s
 tensors go to safetensors, the rest to JSON, and only those two formats are ever read back.
 
 Works with accelerate: pass the *unwrapped* modules (``accelerator.unwrap_model``) and the optimizers, and let only
-the main process save (``CheckpointManager(..., main_process=accelerator.is_main_process)``).
+the main process save (``CheckpointManager(..., main_process=accelerator.is_main_process)``) while the others call
+:meth:`CheckpointManager.gather` on the same objects: under FSDP the states are gathered collectively
+(crossdistill.train.sharded).
 """
 
 from __future__ import annotations
@@ -193,15 +195,17 @@ class CheckpointManager:
         for name in objects:
             if not _NAME.match(name) or name in _RESERVED:
                 raise ValueError(f"checkpoint object name {name!r} must match {_NAME.pattern} and not be {_RESERVED}")
+        # States first, before any disk work: gathering a sharded state is collective (see gather), so every
+        # process passes through the same state_dict calls even when the disk then fails here.
+        states = self.gather(objects)
+        if rng:
+            states[_RNG] = rng_state()
         final = self.root / f"step_{step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        self.root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            states = {name: _state_of(obj) for name, obj in objects.items()}
-            if rng:
-                states[_RNG] = rng_state()
             for name, state in states.items():
                 tensors, structure = flatten_state(state)
                 _write_safetensors(tensors, tmp / f"{name}.safetensors")
@@ -220,6 +224,13 @@ class CheckpointManager:
             raise
         self.prune()
         return final
+
+    @staticmethod
+    def gather(objects: Mapping[str, Any]) -> dict[str, Any]:
+        """Each object's state, in order. The other processes call this while the main one saves: an FSDP-sharded
+        object (crossdistill.train.sharded) gathers its full tensors collectively; for the others it is a cheap
+        ``state_dict()`` that is dropped."""
+        return {name: _state_of(obj) for name, obj in objects.items()}
 
     def _publish(self, tmp: Path, final: Path) -> None:
         # Re-saving a step that exists (e.g. an interrupt right after a periodic save): move the old one aside

@@ -48,6 +48,15 @@ from crossdistill.train.guard import NonFiniteGuard
 from crossdistill.train.perf import compile_blocks, is_convolutional, make_adamw, to_channels_last
 from crossdistill.train.runner import train_loop
 from crossdistill.train.seeding import derive_seed, seed_everything, step_generator
+from crossdistill.train.sharded import (
+    ShardedOptimizer,
+    ShardedParams,
+    WrapPolicy,
+    clip_grad_norm,
+    full_tensor,
+    is_fsdp,
+    shard_frozen,
+)
 from crossdistill.train.stats import tracker_kwargs
 
 logger = logging.getLogger(__name__)
@@ -186,12 +195,19 @@ class DenoiserCall(nn.Module):
 
     DDP / FSDP and accelerate's autocast act on ``forward`` only, while the denoiser contract has named methods
     (``denoise``, ``raw``, ``loss``). Everything one update needs from a wrapped denoiser happens in one call, as DDP
-    expects one forward per backward.
+    expects one forward per backward. Under FSDP a sharded module's weights exist whole only inside that call, so
+    every use of the generator, fake score and real score goes through here.
+
+    ``head`` (the GAN head) rides in the critic's module: FSDP2 prepares one model with one optimiser, and the head
+    trains with the fake score. Functions reach it as ``self.gan_head`` inside the call.
     """
 
-    def __init__(self, denoiser: Denoiser):
+    def __init__(self, denoiser: Denoiser, head: nn.Module | None = None):
         super().__init__()
         self.denoiser = denoiser
+        self.head = head
+        # accelerate's transformer-based FSDP auto-wrap reads the block classes to shard one by one from the root
+        self._no_split_modules = list(getattr(denoiser.backbone, "_no_split_modules", None) or [])
 
     def forward(self, fn, *args, **kwargs):
         if isinstance(fn, str):
@@ -325,6 +341,12 @@ class DistillTrainer:
         t = cfg.train
         self.accelerator = accelerator or make_accelerator(cfg, self.run_dir)
         acc = self.accelerator
+        self.sharded = is_fsdp(acc)  # FSDP2: the generator, the critic and the real score are sharded
+        if self.sharded and t.cotrain_bridge:
+            raise ConfigError(
+                "train.cotrain_bridge is not supported under FSDP (the Bridge would need its own sharded optimiser): "
+                "use DDP (an accelerate config without FSDP) or --set train.cotrain_bridge=false"
+            )
         if acc.is_main_process:  # config.json beside the run; refuses a run dir that holds another run
             prepare_run_dir(self.run_dir, cfg, resume_safe=DISTILL_RESUME_SAFE)
         acc.wait_for_everyone()
@@ -384,18 +406,33 @@ class DistillTrainer:
             counts = {role: compile_blocks(m) for role, m in step_modules.items()}
             logger.info("compile: %s", ", ".join(f"{role} ({n} blocks)" for role, n in counts.items()))
 
+        gen_call, critic_call = DenoiserCall(generator), DenoiserCall(fake, head=self.gan_head)
         gen_params = list(generator.parameters()) + (list(self.bridge.parameters()) if t.cotrain_bridge else [])
-        critic_params = [p for p in fake.parameters() if p.requires_grad]
-        critic_params += list(self.gan_head.parameters()) if self.gan_head is not None else []
+        critic_params = [p for p in critic_call.parameters() if p.requires_grad]  # fake score (or LoRA) + GAN head
         opt_g = make_adamw(gen_params, lr=t.lr_generator, weight_decay=t.weight_decay, fused=t.fused_optimizer)
         opt_c = make_adamw(critic_params, lr=t.lr_critic, weight_decay=t.weight_decay, fused=t.fused_optimizer)
-        self.generator, self.fake, self.opt_g, self.opt_c = acc.prepare(
-            DenoiserCall(generator), DenoiserCall(fake), opt_g, opt_c
-        )
-        if self.gan_head is not None:
-            self.gan_head = acc.prepare(self.gan_head)
+        # One model with its optimiser per prepare call: what FSDP2 asks, and the same as one call under DDP.
+        wrap = WrapPolicy(acc) if self.sharded else None
+        if wrap:
+            wrap.fit(gen_call)
+        self.generator, self.opt_g = acc.prepare(gen_call, opt_g)
+        if wrap:
+            wrap.fit(critic_call)
+        self.fake, self.opt_c = acc.prepare(critic_call, opt_c)
         if t.cotrain_bridge:
             self.bridge = acc.prepare(self.bridge)
+        # The real score: the Teacher, frozen (no DDP needed); sharded like the rest under FSDP. A LoRA fake score is
+        # the Teacher itself, so the real score runs through the critic's module with the adapter off.
+        if cfg.model.fake_score == "lora":
+            self.real = self.fake
+        else:
+            self.real = DenoiserCall(self.teacher.denoiser)
+            if self.sharded:
+                wrap.fit(self.real)
+                self.real = shard_frozen(acc, self.real)
+        if self.sharded:  # FSDP2 swaps the parameters for DTensor shards: the optimisers now hold those
+            gen_params = [p for g in self.opt_g.optimizer.param_groups for p in g["params"]]
+            critic_params = [p for g in self.opt_c.optimizer.param_groups for p in g["params"]]
         self.gen_params, self.critic_params = gen_params, critic_params
         self.generator_denoiser, self.fake_denoiser = generator, fake  # unwrapped, for checkpoints and hooks
 
@@ -482,23 +519,31 @@ class DistillTrainer:
 
     def _real_score(self, x_t: Tensor, t: Tensor, batch: dict) -> Tensor:
         """``μ_real``: the Teacher's CFG x0-prediction (adapter off when the fake score is a LoRA on it)."""
-        cfg = self.cfg
-        lora = adapters_disabled(self.teacher.denoiser.backbone) if cfg.model.fake_score == "lora" else None
-        with torch.no_grad(), lora or contextlib.nullcontext():
-            return self.teacher.denoiser.denoise(
-                x_t, t, batch["cond_t"], guidance_scale=cfg.train.guidance_scale, uncond=batch["uncond_t"]
-            )
+        lora = self.cfg.model.fake_score == "lora"
+        scale = self.cfg.train.guidance_scale
 
-    def _gan_features(self, x0: Tensor, cond: PromptEmbeds, t: Tensor, eps: Tensor) -> Tensor:
-        """Fake-score features of Teacher latents ``x0`` noised to ``t`` (one forward of the wrapped fake score)."""
+        def real(denoiser: Denoiser) -> Tensor:
+            with adapters_disabled(denoiser.backbone) if lora else contextlib.nullcontext():
+                return denoiser.denoise(x_t, t, batch["cond_t"], guidance_scale=scale, uncond=batch["uncond_t"])
+
+        with torch.no_grad():
+            return self.real(real)
+
+    def _gan_logits(self, x0: Tensor, cond: PromptEmbeds, t: Tensor, eps: Tensor) -> Tensor:
+        """GAN-head logits of Teacher latents ``x0`` noised to ``t`` (one forward of the wrapped critic).
+
+        Under DDP this forward does not synchronise the critic's gradients: the generator update only needs them to
+        reach ``x0``, and the critic update zeroes them (its blocks past the feature block get none, which DDP would
+        otherwise wait for). Under FSDP they are reduce-scattered as usual (FSDP2 finalises blocks that got none)."""
         block = feature_module(self.fake_denoiser.backbone)
 
-        def features(denoiser: Denoiser) -> Tensor:
+        def logits(denoiser: Denoiser) -> Tensor:
             with capture_features(block) as feats:
                 denoiser.raw(denoiser.noise(x0, t, eps), t, cond)
-            return feats[-1]
+            return self.gan_head(feats[-1])
 
-        return self.fake(features)
+        with contextlib.nullcontext() if self.sharded else self.accelerator.no_sync(self.fake):
+            return self.fake(logits)
 
     def generator_loss(self, batch: dict, gen: torch.Generator) -> tuple[Tensor, dict]:
         """DM loss (+ GAN, + Bridge reconstruction) of one generator update; gradients reach ``G_θ`` (and ``B_φ``)."""
@@ -513,7 +558,7 @@ class DistillTrainer:
         loss, logs = dm_loss(z_hat, mu_real, mu_fake)
         logs["loss/dm"] = loss.item()
         if self.gan_head is not None:
-            loss_gan = gan_generator_loss(self.gan_head(self._gan_features(z_hat, batch["cond_t"], tau, eps)))
+            loss_gan = gan_generator_loss(self._gan_logits(z_hat, batch["cond_t"], tau, eps))
             loss = loss + t.gan_weight * loss_gan
             logs["loss/gan_g"] = loss_gan.item()
         if t.cotrain_bridge:
@@ -534,17 +579,17 @@ class DistillTrainer:
             return loss, {"loss/fake": loss.item()}
         block = feature_module(self.fake_denoiser.backbone)
 
-        def loss_and_features(denoiser: Denoiser) -> tuple[Tensor, list[Tensor]]:
-            # One forward of the wrapped fake score for all three passes; the fake sample's features come from the
+        def loss_and_logits(denoiser: Denoiser) -> tuple[Tensor, Tensor]:
+            # One forward of the wrapped critic for all three passes; the fake sample's features come from the
             # fake-score loss pass itself (same x_τ), the reals are noised with the same (τ, ε).
             with capture_features(block) as feats:
                 loss = fake_score_loss(denoiser, z_hat, batch["cond_t"], tau, eps)
                 real = batch["real_z_t"]
                 denoiser.raw(denoiser.noise(real, tau, eps), tau, batch["real_cond_t"])
-            return loss, feats
+            feat_fake, feat_real = feats
+            return loss, self.gan_head(torch.cat([feat_real, feat_fake]))
 
-        loss, (feat_fake, feat_real) = self.fake(loss_and_features)
-        logits = self.gan_head(torch.cat([feat_real, feat_fake]))
+        loss, logits = self.fake(loss_and_logits)
         loss_d = gan_discriminator_loss(*logits.chunk(2))
         logs = {"loss/fake": loss.item(), "loss/gan_d": loss_d.item()}
         return loss + t.gan_critic_weight * loss_d, logs
@@ -556,7 +601,12 @@ class DistillTrainer:
         if self.guard.check({f"loss/{name}": loss}, step):
             self.accelerator.backward(loss)
             max_norm = self.cfg.train.max_grad_norm
-            norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            max_norm = max_norm if max_norm > 0 else float("inf")
+            if self.sharded:  # accelerate clips only a whole model's parameters (not a LoRA's) under FSDP
+                self.accelerator.unscale_gradients(opt)
+                norm = clip_grad_norm(params, max_norm)
+            else:
+                norm = self.accelerator.clip_grad_norm_(params, max_norm)
             opt.step()
             logs[f"grad_norm/{name}"] = float(norm)
         opt.zero_grad(set_to_none=True)
@@ -572,7 +622,7 @@ class DistillTrainer:
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.generator_denoiser.parameters()):
-                    e.lerp_(p.detach().to(e.dtype), 1.0 - self.cfg.train.ema_decay)
+                    e.lerp_(full_tensor(p.detach()).to(e.dtype), 1.0 - self.cfg.train.ema_decay)
         return logs
 
     def critic_step(self, step: int) -> dict:
@@ -595,32 +645,49 @@ class DistillTrainer:
     # ---- state ------------------------------------------------------------------------------------------------------
     def state_objects(self) -> dict:
         """Everything a resumed run needs, by checkpoint name (only trainable parameters of the models)."""
-        objects = {
-            "generator": TrainableParams(self.generator_denoiser),
-            "fake_score": TrainableParams(self.fake_denoiser),
-            "opt_generator": self.opt_g,
-            "opt_critic": self.opt_c,
-        }
+        if self.sharded:  # the same names and shapes, gathered whole from the shards (collective)
+            objects = {
+                "generator": ShardedParams(self.generator, "denoiser."),
+                "fake_score": ShardedParams(self.fake, "denoiser."),
+                "opt_generator": ShardedOptimizer(self.generator, self.opt_g),
+                "opt_critic": ShardedOptimizer(self.fake, self.opt_c),
+            }
+        else:
+            objects = {
+                "generator": TrainableParams(self.generator_denoiser),
+                "fake_score": TrainableParams(self.fake_denoiser),
+                "opt_generator": self.opt_g,
+                "opt_critic": self.opt_c,
+            }
         if self.ema is not None:
             objects["ema"] = self.ema
         if self.gan_head is not None:
-            objects["gan_head"] = self.accelerator.unwrap_model(self.gan_head)
+            objects["gan_head"] = ShardedParams(self.fake, "head.") if self.sharded else self.gan_head
         if self.cfg.train.cotrain_bridge:
             objects["bridge"] = TrainableParams(self.accelerator.unwrap_model(self.bridge))
         return objects
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
-        """A grid of one-step samples (EMA weights if kept) on the fixed prompts and noise: samples/step_N.png."""
-        if not self.accelerator.is_main_process:
+        """A grid of one-step samples (EMA weights if kept) on the fixed prompts and noise: samples/step_N.png.
+
+        Called on every process; a sharded generator (FSDP, no EMA) runs on all of them, the main one saves."""
+        gathered = self.sharded and self.ema is None
+        if not (self.accelerator.is_main_process or gathered):
             return None
         device = self.accelerator.device
         gen = torch.Generator(device).manual_seed(derive_seed(self.cfg.train.seed, "samples"))
         noise = torch.randn((len(self.sample_cond), *self.student.latent_shape), generator=gen, device=device)
-        denoiser = self.ema if self.ema is not None else self.generator_denoiser
         t = torch.full((len(noise),), self.cfg.train.conditioning_t, device=device)
         with self.accelerator.autocast():
-            x0 = denoiser.denoise(noise, t, self.sample_cond)
+            if self.ema is not None:
+                x0 = self.ema.denoise(noise, t, self.sample_cond)
+            elif gathered:
+                x0 = self.generator("denoise", noise, t, self.sample_cond)
+            else:
+                x0 = self.generator_denoiser.denoise(noise, t, self.sample_cond)
+        if not self.accelerator.is_main_process:
+            return None
         pixels = self.student.codec.decode(x0.to(next(self.student.codec.parameters()).dtype))
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

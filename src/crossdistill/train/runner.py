@@ -94,6 +94,8 @@ def train_loop(
         try:
             if main:
                 latest = ckpt.save(step, objects, {"config_hash": config_hash})
+            elif accelerator is not None and accelerator.num_processes > 1:
+                ckpt.gather(objects)  # the main process's state_dict calls, in step: FSDP's gathers are collective
         finally:
             # Every process must reach the barrier, also when the main one failed to save (or it would hang).
             if accelerator is not None:
