@@ -506,6 +506,7 @@ VARIANTS: dict[str, tuple[StepOptions, float]] = {
     "same_eager": (StepOptions(teacher="sd15", fused_adamw=True), 25),
     "compiled": (StepOptions(compile=True, fused_adamw=True), 240),
     "same_compiled": (StepOptions(teacher="sd15", compile=True, fused_adamw=True), 60),
+    "fused_b4_lora": (StepOptions(batch=4, fused_adamw=True, fake="lora"), 50),
     "compiled_b4_lora": (StepOptions(batch=4, compile=True, fused_adamw=True, fake="lora"), 150),
     "compiled_b4": (StepOptions(batch=4, compile=True, fused_adamw=True), 150),
     "fused_b4": (StepOptions(batch=4, fused_adamw=True), 50),

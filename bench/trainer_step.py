@@ -14,6 +14,13 @@ Each variant is a config override on the preset; the generator update and the cr
 
     PYTHONUNBUFFERED=1 python bench/trainer_step.py --out $OUT                              # GPU, real sizes
     python bench/trainer_step.py --tiny --out /tmp/bench                                     # CPU smoke test
+
+Under ``accelerate launch`` the trainer runs as configured there (DDP, or FSDP2 sharding every model); each process
+trains its own batch, the report (rank 0's timings, every rank's peak memory) counts samples/s over all of them:
+
+    accelerate launch --multi_gpu --num_processes 2 bench/trainer_step.py --variants preset --out $OUT/ddp
+    accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 \
+        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP bench/trainer_step.py --variants preset --out $OUT/fsdp
 """
 
 from __future__ import annotations
@@ -65,6 +72,19 @@ VARIANTS: dict[str, tuple[list[str], float]] = {
 }
 
 
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def bench_device() -> torch.device:
+    """This process's device: its own GPU under ``accelerate launch``."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
 def real_spaces(device: torch.device):
     """SD 1.5 Student and SD3.5-Medium Teacher spaces of the real sizes, random weights (text encoders: 2 layers)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
@@ -105,7 +125,7 @@ def tiny_spaces(device: torch.device):
 
 def make_trainer(args, overrides: list[str], work: Path):
     """A DistillTrainer on freshly built spaces (each variant trains its own copy), the Bridge saved beside it."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     student, teacher = (tiny_spaces if args.tiny else real_spaces)(device)
     spaces = {"bench:student": student, "bench:teacher": teacher}
     bridge_dir = work / "bridge"
@@ -116,7 +136,7 @@ def make_trainer(args, overrides: list[str], work: Path):
     cfg = PRESETS[args.preset]()
     cfg = apply_overrides(cfg, [
         "model.student_path=bench:student", "model.teacher_path=bench:teacher", f"model.bridge_path={bridge_dir}",
-        f"data.prompts={prompts}", f"train.batch_size={args.batch}", *overrides,
+        f"data.prompts={prompts}", f"train.batch_size={args.batch}", f"train.cpu={device.type == 'cpu'}", *overrides,
     ])  # fmt: skip
     run_dir = Path(tempfile.mkdtemp(dir=work, prefix="run_"))
     original = distill.load_space
@@ -128,8 +148,8 @@ def make_trainer(args, overrides: list[str], work: Path):
 
 
 def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float, clock: Clock) -> dict:
-    row: dict = {"name": name, "overrides": overrides, "preset": args.preset, "batch": args.batch}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    row: dict = {"name": name, "overrides": overrides, "preset": args.preset, "batch": args.batch, "world_size": WORLD}
+    device = bench_device()
     trainer = None
     try:
         with fresh_peak(device):
@@ -153,11 +173,18 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
         row["critic_steps_per_generator_step"] = k
         row["one_plus_one_ms"] = g + c
         row["cycle_ms"] = g + k * c  # one generator update and its k critic updates
-        row["samples_per_s_generator"] = args.batch / (row["cycle_ms"] * 1e-3)
+        row["samples_per_s_generator"] = WORLD * args.batch / (row["cycle_ms"] * 1e-3)  # every process's batch
+        row["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+        row["sharded"] = trainer.sharded
+        if WORLD > 1:  # every rank's peak; the FLOPs are counted on one GPU (the same arithmetic per process)
+            peaks = [None] * WORLD
+            torch.distributed.all_gather_object(peaks, row["peak_gb"])
+            row["peak_gb_per_rank"], row["peak_gb"] = peaks, max((p for p in peaks if p is not None), default=None)
         # Counted eagerly, after the timing, each update on its own: an OOM here (the preset fills an 80 GB GPU)
         # costs only that update's MFU. The critic first: on the H100 its count ran out of memory after the
         # generator's had succeeded.
-        for key, update in (("critic_tflop", trainer.critic_step), ("generator_tflop", trainer.generator_step)):
+        counted = (("critic_tflop", trainer.critic_step), ("generator_tflop", trainer.generator_step))
+        for key, update in counted if WORLD == 1 else ():
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             try:
@@ -174,7 +201,8 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
         row["peak_gb"] = peak_memory_gb(device)
     except Exception as err:  # a failing variant is a result; the others still run
         row["error"] = f"{type(err).__name__}: {str(err)[:500]}\n{traceback.format_exc()[-2000:]}"
-    print(f"[{clock.elapsed():5.0f} s] {name}: {row}", flush=True)
+    if RANK == 0:
+        print(f"[{clock.elapsed():5.0f} s] {name}: {row}", flush=True)
     trainer = None
     gc.collect()
     torch._dynamo.reset()
@@ -194,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=540)
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     clock = Clock(args.budget_s)
     torch.backends.cudnn.benchmark = True
     env = environment(device)
@@ -210,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             report["rows"].append(
                 run_variant(args, name, overrides, Path(tmp), env["bf16_matmul_tflops"] * 1e12, clock)
             )
-            write_report(args.out, "trainer_step", report, to_markdown(report))
-    write_report(args.out, "trainer_step", report, to_markdown(report))
-    print(to_markdown(report), flush=True)
+            if RANK == 0:
+                write_report(args.out, "trainer_step", report, to_markdown(report))
+    if RANK == 0:
+        write_report(args.out, "trainer_step", report, to_markdown(report))
+        print(to_markdown(report), flush=True)
     return 0 if all("error" not in r for r in report["rows"]) else 1
 
 
@@ -223,12 +253,14 @@ def to_markdown(report: dict) -> str:
         env_markdown(env, report["command"]),
         f"MFU over the measured bf16 matmul rate ({env['bf16_matmul_tflops']:.0f} TFLOP/s). A cycle = one generator "
         "update and its critic updates.\n",
-        "| variant | overrides | generator ms | critic ms | 1+1 MFU | cycle ms | cycle MFU | samples/s | peak GiB "
-        "| first updates s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | overrides | processes | generator ms | critic ms | 1+1 MFU | cycle ms | cycle MFU | samples/s "
+        "| peak GiB | first updates s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        head = f"| {r['name']} | {' '.join(r['overrides']) or '–'} "
+        procs = r.get("world_size", 1)
+        procs = f"{procs} ({r.get('distributed_type', '?')})" if procs > 1 else "1"
+        head = f"| {r['name']} | {' '.join(r['overrides']) or '–'} | {procs} "
         if "error" in r:
             lines.append(head + f"| {r['error'].splitlines()[0][:150]} | | | | | | | |")
             continue
@@ -238,6 +270,7 @@ def to_markdown(report: dict) -> str:
             f"| {r['cycle_ms']:.0f} (1+{r['critic_steps_per_generator_step']}) | {fmt(r.get('mfu_cycle'), '.0%')} "
             f"| {r['samples_per_s_generator']:.2f} "
             f"| {fmt(r['peak_gb'])} | {r['first_updates_s']:.0f} |"
+            + (f" per rank: {', '.join(fmt(p) for p in r['peak_gb_per_rank'])}" if "peak_gb_per_rank" in r else "")
         )
     for r in report["rows"]:
         if "flops_error" in r:
@@ -245,7 +278,6 @@ def to_markdown(report: dict) -> str:
     if report["skipped"]:
         lines.append(f"\nSkipped: {report['skipped']}")
     return "\n".join(lines) + "\n"
-
 
 
 if __name__ == "__main__":
