@@ -20,6 +20,7 @@ import pytest
 import torch
 from distill_common import tiny_config
 
+from crossdistill.bridge.train import refuse_fsdp
 from crossdistill.config import save_config
 from crossdistill.errors import ConfigError
 from crossdistill.train.checkpoint import read_state
@@ -90,7 +91,7 @@ def test_fsdp_follows_ddp_and_resumes_exactly(tmp_path, fake_score):
     assert losses(resumed) == losses(tmp_path / "fsdp")
 
 
-def test_fsdp1_and_bridge_cotraining_under_fsdp_are_refused_with_the_fix(tmp_path):
+def test_fsdp1_and_the_bridge_under_fsdp_are_refused_with_the_fix(tmp_path):
     from accelerate.utils import DistributedType
 
     fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
@@ -102,3 +103,6 @@ def test_fsdp1_and_bridge_cotraining_under_fsdp_are_refused_with_the_fix(tmp_pat
     cfg = tiny_config(tmp_path, "train.cotrain_bridge=true", "data.real_images=emoji:train", cross=True)
     with pytest.raises(ConfigError, match="cotrain_bridge is not supported under FSDP"):
         DistillTrainer(cfg, tmp_path / "run", accelerator=fsdp2)
+    with pytest.raises(ConfigError, match="runs under DDP, not FSDP"):  # the Bridge's own training
+        refuse_fsdp(fsdp2)
+    refuse_fsdp(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))

@@ -344,6 +344,19 @@ def enable_teacher_checkpointing(teacher: Space) -> bool:
     return False
 
 
+def refuse_fsdp(accelerator) -> None:
+    """The Bridge trains under DDP: its trained part (the projector) is small, and its frozen decoder prior and
+    Teacher run outside the module accelerate would shard."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "`crossdistill bridge train` runs under DDP, not FSDP (the Bridge's projector is small; FSDP is for "
+            "`crossdistill distill`): launch it with an accelerate config without FSDP, e.g. "
+            "`accelerate launch --multi_gpu --num_processes N -m crossdistill.cli bridge train ...`"
+        )
+
+
 def train(cfg: BridgeTrainConfig, run_dir: str | Path) -> Path:
     """Train (or, for the kinds without weights, just write) a Bridge; returns ``<run_dir>/bridge``."""
     from accelerate import Accelerator
@@ -353,6 +366,7 @@ def train(cfg: BridgeTrainConfig, run_dir: str | Path) -> Path:
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision, **tracker_kwargs(run_dir, cfg.log.tensorboard)
     )
+    refuse_fsdp(accelerator)
     device, rank, main = accelerator.device, accelerator.process_index, accelerator.is_main_process
     seed_everything(cfg.train.seed)  # the projector's initial weights
     student, teacher, world = load_spaces(cfg.model, device)
