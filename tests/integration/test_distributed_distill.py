@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from distill_common import tiny_config
+from PIL import Image
 
 from crossdistill.bridge.train import refuse_fsdp
 from crossdistill.config import save_config
@@ -53,11 +55,13 @@ def assert_close(a: list[dict], b: list[dict]) -> None:
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-7), (step, k, x[k], y[k])
 
 
-@pytest.mark.parametrize("fake_score", ["lora", pytest.param("copy", marks=pytest.mark.slow)])
-def test_fsdp_follows_ddp_and_resumes_exactly(tmp_path, fake_score):
+# LoRA fake score with EMA (samples from the EMA on the main process); a full copy without EMA (samples from the
+# sharded generator, run on every process).
+@pytest.mark.parametrize(("fake_score", "ema"), [("lora", 0.9), pytest.param("copy", 0.0, marks=pytest.mark.slow)])
+def test_fsdp_follows_ddp_and_resumes_exactly(tmp_path, fake_score, ema):
     reals = "data.real_images=emoji:train"
     cfg = tiny_config(tmp_path, "train.cpu=true", f"model.fake_score={fake_score}", "model.lora_rank=4",
-                      "train.gan_weight=0.1", reals, "data.max_real_images=8", "train.ema_decay=0.9",
+                      "train.gan_weight=0.1", reals, "data.max_real_images=8", f"train.ema_decay={ema}",
                       cross=True)  # fmt: skip
     config = tmp_path / "distill.json"
     save_config(cfg, config)
@@ -70,8 +74,12 @@ def test_fsdp_follows_ddp_and_resumes_exactly(tmp_path, fake_score):
     assert fsdp["sharded"] and fsdp["dtensor_params"] == {"generator": 1, "critic": 1, "real": 1}
     assert_close(losses(tmp_path / "ddp"), losses(tmp_path / "fsdp"))
 
-    # The FSDP checkpoint holds whole tensors under the names a one-process checkpoint has (export reads either).
-    for name in ("generator", "fake_score", "gan_head", "ema"):
+    # The same sample grid, and the FSDP checkpoint holds whole tensors under the names a one-process checkpoint has
+    # (export reads either).
+    grids = [np.asarray(Image.open(tmp_path / run / "samples" / "step_000004.png"), dtype=np.int16)
+             for run in ("ddp", "fsdp")]  # fmt: skip
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 2
+    for name in ("generator", "fake_score", "gan_head") + (("ema",) if ema else ()):
         a = read_state(tmp_path / "ddp" / "checkpoints" / "step_000004", name)
         b = read_state(tmp_path / "fsdp" / "checkpoints" / "step_000004", name)
         assert a.keys() == b.keys(), name
