@@ -51,6 +51,7 @@ from crossdistill.train.seeding import derive_seed, seed_everything, step_genera
 from crossdistill.train.sharded import (
     ShardedOptimizer,
     ShardedParams,
+    UnshardedOptimizer,
     WrapPolicy,
     clip_grad_norm,
     full_tensor,
@@ -656,8 +657,8 @@ class DistillTrainer:
             objects = {
                 "generator": TrainableParams(self.generator_denoiser),
                 "fake_score": TrainableParams(self.fake_denoiser),
-                "opt_generator": self.opt_g,
-                "opt_critic": self.opt_c,
+                "opt_generator": UnshardedOptimizer(self.opt_g),
+                "opt_critic": UnshardedOptimizer(self.opt_c),
             }
         if self.ema is not None:
             objects["ema"] = self.ema

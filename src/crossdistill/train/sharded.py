@@ -9,7 +9,7 @@ does not cover is here, built from torch's maintained pieces (``torch.distribute
 - :class:`ShardedParams` / :class:`ShardedOptimizer`: checkpoint objects that gather full tensors onto the main
   process. A checkpoint written under FSDP holds the same names and shapes as one written on one GPU (export and
   ``generate`` read either); the optimiser states are keyed by parameter name, so a run resumes on any number of GPUs
-  under FSDP (but not without FSDP: an FSDP run resumes under FSDP);
+  under FSDP (but not without FSDP: an FSDP run resumes under FSDP, and :class:`UnshardedOptimizer` says so);
 - :func:`clip_grad_norm`: the global norm over DTensor gradient shards.
 
 Every method here is collective: all processes call it, in the same order (the checkpoint code does so).
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from crossdistill.errors import ConfigError
+from crossdistill.train.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,11 @@ class ShardedParams:
         set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
+def _keyed_by_name(state: dict) -> bool:
+    """True for an optimiser state written under FSDP (parameters by name), False for one by index."""
+    return any(isinstance(p, str) for g in state.get("param_groups", []) for p in g.get("params", []))
+
+
 class ShardedOptimizer:
     """An optimiser's state over a sharded model, gathered whole and keyed by parameter name."""
 
@@ -136,13 +142,31 @@ class ShardedOptimizer:
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        groups = state.get("param_groups") or [{}]
-        if not all(isinstance(p, str) for g in groups for p in g.get("params", [])):
-            raise ConfigError(
-                "this checkpoint's optimiser state was written without FSDP (parameters by index, not by name); "
+        if not _keyed_by_name(state):
+            raise CheckpointError(
+                "this checkpoint's optimiser state was written without FSDP (parameters by index, not by name): "
                 "resume it without FSDP, or start a new --run-dir"
             )
         set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+class UnshardedOptimizer:
+    """An optimiser as a checkpoint object without FSDP: its own state_dict, and a clear error for a state that an
+    FSDP run wrote (keyed by parameter name), which torch's loader would misread."""
+
+    def __init__(self, optimizer: Any):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if _keyed_by_name(state):
+            raise CheckpointError(
+                "this checkpoint's optimiser state was written under FSDP (parameters by name): resume it under FSDP "
+                "(accelerate launch with fsdp_version 2), or start a new --run-dir"
+            )
+        self.optimizer.load_state_dict(state)
 
 
 def clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
