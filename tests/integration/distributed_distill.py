@@ -1,14 +1,15 @@
 """The distillation trainer under ``accelerate launch``: the script test_distributed_distill.py launches.
 
-    accelerate launch --multi_gpu --num_processes 2 distributed_distill.py CONFIG RUN_DIR [--cpu-fsdp]
+    accelerate launch --multi_gpu --num_processes 2 distributed_distill.py CONFIG RUN_DIR
+    accelerate launch --config_file configs/accelerate_fsdp2.yaml distributed_distill.py CONFIG RUN_DIR [--cpu-fsdp]
 
 It trains (or resumes) ``RUN_DIR`` with the config file and writes ``RUN_DIR/rank_N.json``: the distributed type the
 run saw, the world size and the parameter types of the sharded modules.
 
 ``--cpu-fsdp``: accelerate sets up FSDP only on accelerators, so on CPU processes (gloo) this switches the run's
-accelerate state to FSDP2 before the trainer prepares its models. Everything after that is accelerate's own FSDP2
-preparation (``fully_shard`` per block) and torch's DTensors, on CPU. On GPUs, launch with accelerate's FSDP flags
-instead (``--use_fsdp --fsdp_version 2``) and leave this out.
+accelerate state to FSDP2, with the plugin the launch configured, before the trainer prepares its models.
+Everything after that is accelerate's own FSDP2 preparation (``fully_shard`` per block) and torch's DTensors, on CPU.
+On GPUs, leave it out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def cpu_fsdp2_state() -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = AcceleratorState()
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # configured by accelerate launch (FSDP_* variables)
+    if state.fsdp_plugin.fsdp_version != 2:
+        raise SystemExit("--cpu-fsdp: launch with an FSDP2 config (configs/accelerate_fsdp2.yaml)")
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # each AcceleratorState() copies it back
 

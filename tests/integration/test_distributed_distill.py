@@ -31,11 +31,14 @@ from crossdistill.train.sharded import is_fsdp
 from crossdistill.train.stats import read_stats
 
 HERE = Path(__file__).parent
+FSDP2_CONFIG = HERE.parents[1] / "configs" / "accelerate_fsdp2.yaml"
 
 
 def launch(config: Path, run_dir: Path, *, fsdp: bool) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    """DDP through --multi_gpu; FSDP2 through the shipped accelerate config (fp32 here, to compare the runs)."""
+    mode = ["--config_file", str(FSDP2_CONFIG)] if fsdp else ["--multi_gpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
            str(HERE / "distributed_distill.py"), str(config), str(run_dir)]  # fmt: skip
     cmd += ["--cpu-fsdp"] if fsdp else []
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "CROSSDISTILL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
