@@ -2,14 +2,15 @@
 whole-tensor checkpoints of sharded modules, and gradient clipping of sharded parameters.
 
 accelerate prepares each trained module with its optimiser (``fully_shard`` per block, as its config says); what it
-does not cover is here, built from torch's maintained pieces (``torch.distributed.checkpoint.state_dict``,
+does not cover is here, built from torch's maintained pieces (DTensor, ``torch.distributed.checkpoint.state_dict``,
 ``torch.nn.utils.get_total_norm``) — there is no home-made collective:
 
 - :func:`shard_frozen`: the real score's Teacher (frozen, no optimiser) through accelerate's own FSDP2 preparation;
 - :class:`ShardedParams` / :class:`ShardedOptimizer`: checkpoint objects that gather full tensors onto the main
-  process. A checkpoint written under FSDP holds the same names and shapes as one written on one GPU (export and
-  ``generate`` read either); the optimiser states are keyed by parameter name, so a run resumes on any number of GPUs
-  under FSDP (but not without FSDP: an FSDP run resumes under FSDP, and :class:`UnshardedOptimizer` says so);
+  process (``DTensor.full_tensor``; the optimiser through ``get_optimizer_state_dict``). A checkpoint written under
+  FSDP holds the same names and shapes as one written on one GPU (export and ``generate`` read either); the optimiser
+  states are keyed by parameter name, so a run resumes on any number of GPUs under FSDP (but not without FSDP: an
+  FSDP run resumes under FSDP, and :class:`UnshardedOptimizer` says so);
 - :func:`clip_grad_norm`: the global norm over DTensor gradient shards.
 
 Every method here is collective: all processes call it, in the same order (the checkpoint code does so).
@@ -89,6 +90,17 @@ def shard_frozen(accelerator, module: nn.Module) -> nn.Module:
     return fsdp2_prepare_model(accelerator, module)
 
 
+def reshard(model: nn.Module) -> None:
+    """Put back the shards of every FSDP2 unit of ``model``. A root keeps its own parameters gathered after a forward
+    with no backward (sampling, the frozen Teacher); until resharded, ``named_parameters`` are not the DTensors the
+    optimiser holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _trainable_names(model: nn.Module, prefix: str) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix)]
 
@@ -101,12 +113,17 @@ class ShardedParams:
         self.model, self.prefix = model, prefix
 
     def state_dict(self) -> dict[str, Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        state = get_model_state_dict(self.model, options=options)  # on the main process; empty on the others
-        keep = set(_trainable_names(self.model, self.prefix))
-        return {k[len(self.prefix) :]: v for k, v in state.items() if k in keep}
+        # One parameter at a time (as torch.distributed.checkpoint gathers): only this part's, so the critic's fake
+        # score and GAN head are each gathered once. The main process keeps CPU copies, the others drop them.
+        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        reshard(self.model)
+        named = dict(self.model.named_parameters())
+        state = {}
+        for name in _trainable_names(self.model, self.prefix):
+            whole = full_tensor(named[name].detach())
+            if main:
+                state[name[len(self.prefix) :]] = whole.cpu()
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -118,6 +135,7 @@ class ShardedParams:
                 f"({len(set(state) ^ names)} names differ): was it written with another model config?"
             )
         full = {self.prefix + k: v for k, v in state.items()}  # every process read the file: each takes its shard
+        reshard(self.model)
         set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
@@ -137,6 +155,7 @@ class ShardedOptimizer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        reshard(self.model)  # the optimiser's parameters are the shards
         return get_optimizer_state_dict(self.model, self.optimizer, options=options)
 
     def load_state_dict(self, state: dict) -> None:
@@ -147,6 +166,7 @@ class ShardedOptimizer:
                 "this checkpoint's optimiser state was written without FSDP (parameters by index, not by name): "
                 "resume it without FSDP, or start a new --run-dir"
             )
+        reshard(self.model)
         set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
