@@ -157,7 +157,7 @@ def cross_runs(tmp_path_factory, one_thread):
     """A cross-space LoRA config (its random Bridge written once, so every run shares it) and a 4-step eager run."""
     folder = tmp_path_factory.mktemp("perf")
     cfg = tiny_config(folder, "model.fake_score=lora", "model.lora_rank=4", "train.max_steps=4", cross=True)
-    cfg.train.offload_text_encoders = False
+    cfg.train.offload_text_encoders = cfg.train.offload_idle_vaes = False
     DistillTrainer(cfg, folder / "eager").train()
     return folder, cfg
 
@@ -174,10 +174,11 @@ def test_defaults_and_cli_show_the_options(capsys):
 
     t = distill.TrainConfig()
     assert (t.compile, t.fused_optimizer, t.channels_last, t.offload_text_encoders) == (False, True, False, True)
-    assert t.subpixel_upsample is False
+    assert t.subpixel_upsample is False and t.offload_idle_vaes is True
     assert main(["distill", "--preset", "emoji_shared", "--print-config"]) == 0
     out = capsys.readouterr().out
-    for key in ("compile", "fused_optimizer", "channels_last", "offload_text_encoders", "subpixel_upsample"):
+    for key in ("compile", "fused_optimizer", "channels_last", "offload_text_encoders", "offload_idle_vaes",
+                "subpixel_upsample"):  # fmt: skip
         assert f'"{key}"' in out
 
 
@@ -292,3 +293,26 @@ def test_offloaded_text_encoders_are_moved_and_never_used_again(cross_runs, tmp_
 
     kept = DistillTrainer(_cfg(cfg, offload_text_encoders=False), tmp_path / "kept")
     assert all(p.device.type == "cpu" for p in kept.student.prompt_encoder.parameters())
+
+
+@pytest.mark.parametrize("bridge_kind", ["prior_projector", "decode_encode"])
+def test_idle_vae_parts_are_offloaded_and_never_used_again(cross_runs, tmp_path, monkeypatch, bridge_kind):
+    """The Student's VAE encoder and the Teacher's VAE (all of it, or its decoder side when the decode_encode Bridge
+    encodes with it) go to the meta device: a step, the sample grid or a checkpoint that used them would fail."""
+    folder, cfg = cross_runs
+    monkeypatch.setattr(distill, "OFFLOAD_DEVICE", "meta")
+    cfg = _cfg(cfg, offload_idle_vaes=True, max_steps=2)
+    cfg.model.bridge_kind = bridge_kind
+    cfg.log.sample_every = 2
+    trainer = DistillTrainer(cfg, tmp_path / "run")
+    student, teacher = trainer.student.codec.vae, trainer.teacher.codec.vae
+    on = lambda m: {p.device.type for p in m.parameters()}  # noqa: E731
+    assert on(student.encoder) == {"meta"} and on(student.decoder) == {"cpu"}
+    if bridge_kind == "decode_encode":
+        assert on(teacher.decoder) == {"meta"} and on(teacher.encoder) == {"cpu"}
+    else:
+        assert on(teacher) == {"meta"}
+    assert trainer.train() == 2
+    assert (tmp_path / "run" / "samples" / "step_000002.png").is_file()
+    if bridge_kind == "prior_projector":  # the eager run's Bridge: the same losses
+        _assert_losses_close(_losses(tmp_path / "run"), _losses(folder / "eager")[:2], rtol=0, atol=0)

@@ -70,10 +70,11 @@ SPEED_KEYS = (
     "train.fused_optimizer",
     "train.channels_last",
     "train.offload_text_encoders",
+    "train.offload_idle_vaes",
     "train.subpixel_upsample",
 )
 DISTILL_RESUME_SAFE = (*RESUME_SAFE_KEYS, *SPEED_KEYS)
-# Where train.offload_text_encoders puts the encoders (tests set "meta": any later use of an encoder then fails).
+# Where train.offload_text_encoders / offload_idle_vaes put what they move (tests set "meta": any later use fails).
 OFFLOAD_DEVICE = "cpu"
 
 
@@ -120,6 +121,7 @@ class TrainConfig:
     fused_optimizer: bool = True  # single-kernel AdamW update on CUDA (torch's default update elsewhere)
     channels_last: bool = False  # NHWC weights for the convolutional modules (UNet, VAEs, projector); not transformers
     offload_text_encoders: bool = True  # move both text encoders to CPU once every prompt embedding is cached
+    offload_idle_vaes: bool = True  # once the reals are encoded: Teacher VAE and Student VAE encoder to CPU
     subpixel_upsample: bool = False  # UNet / VAE "nearest x2 + 3x3 conv" in exact sub-pixel form (models/subpixel.py)
 
 
@@ -376,7 +378,9 @@ class DistillTrainer:
         self.sample_cond = self.student.prompt_encoder.encode_cached(self.sample_prompts).to(device)
         self.reals = self._encode_reals() if cfg.data.real_images else None
         if t.offload_text_encoders:  # every embedding a run needs is cached above; nothing below encodes text
-            self._offload_text_encoders()
+            self._offload("text encoders", [space.prompt_encoder for space in (self.student, self.teacher)])
+        if t.offload_idle_vaes:  # the reals are encoded above; a step decodes with the Student's decoder only
+            self._offload("idle VAE parts", self._idle_vae_parts())
 
         # ---- generator, fake score, GAN head, EMA -------------------------------------------------------------------
         generator = self.student.denoiser  # the Student base itself: nothing else needs its frozen weights
@@ -442,17 +446,28 @@ class DistillTrainer:
         self.step = 0
 
     # ---- setup helpers ----------------------------------------------------------------------------------------------
-    def _offload_text_encoders(self) -> None:
-        """Both spaces' text encoders to :data:`OFFLOAD_DEVICE` (CPU); logs the accelerator memory it frees."""
+    def _offload(self, what: str, modules: list[nn.Module]) -> None:
+        """Move modules the step never runs to :data:`OFFLOAD_DEVICE` (CPU); logs the accelerator memory freed."""
         device = self.accelerator.device
         cuda = device.type == "cuda"
         before = torch.cuda.memory_allocated(device) if cuda else 0
-        for space in (self.student, self.teacher):
-            space.prompt_encoder.to(OFFLOAD_DEVICE)
+        for module in modules:
+            module.to(OFFLOAD_DEVICE)
         if cuda:
             torch.cuda.empty_cache()
             freed = (before - torch.cuda.memory_allocated(device)) / 2**30
-            logger.info("text encoders offloaded to %s: %.2f GiB freed on %s", OFFLOAD_DEVICE, freed, device)
+            logger.info("%s offloaded to %s: %.2f GiB freed on %s", what, OFFLOAD_DEVICE, freed, device)
+
+    def _idle_vae_parts(self) -> list[nn.Module]:
+        """The VAE parts no step uses: the Student's encoder (its decoder feeds the Bridge prior and the samples) and
+        the Teacher's whole VAE, or its decoder side only when the ``decode_encode`` Bridge encodes with it."""
+        student, teacher = self.student.codec.vae, self.teacher.codec.vae
+        parts = [student.encoder, student.quant_conv]
+        if self.cfg.model.bridge_kind == "decode_encode":
+            parts += [teacher.decoder, teacher.post_quant_conv]
+        else:
+            parts.append(teacher)
+        return [m for m in parts if m is not None]
 
     def _step_modules(self, generator: Denoiser, fake: Denoiser) -> dict[str, nn.Module]:
         """The networks a training step runs, by role, each once: what ``train.compile`` / ``channels_last`` touch.
