@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,6 +68,22 @@ def test_trainer_step_tiny(tmp_path):
     assert row["generator_update"]["ms"] > 0 and row["critic_update"]["ms"] > 0
     assert row["generator_tflop"] > row["critic_tflop"] > 0  # the generator update runs real + fake score and more
     assert row["critic_steps_per_generator_step"] == 10  # the preset's, not overridden
+
+
+def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
+    """The trainer bench on two gloo processes (DDP): samples/s over both batches, a peak per rank, no FLOP count."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "bench" / "trainer_step.py"), "--tiny", "--variants", "preset", "--iters", "1",
+           "--out", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    row = json.loads((tmp_path / "trainer_step.json").read_text())["rows"][0]
+    assert "error" not in row, row.get("error")
+    assert row["world_size"] == 2 and row["distributed_type"] == "MULTI_CPU"
+    assert len(row["peak_gb_per_rank"]) == 2 and "generator_tflop" not in row
+    assert row["samples_per_s_generator"] == pytest.approx(2 * 4 / (row["cycle_ms"] * 1e-3))
 
 
 def test_profile_counts_inductor_kernels_named_after_a_conv_as_triton():
