@@ -117,12 +117,12 @@ class ShardedParams:
         # score and GAN head are each gathered once. The main process keeps CPU copies, the others drop them.
         main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         reshard(self.model)
-        named = dict(self.model.named_parameters())
         state = {}
-        for name in _trainable_names(self.model, self.prefix):
-            whole = full_tensor(named[name].detach())
-            if main:
-                state[name[len(self.prefix) :]] = whole.cpu()
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and name.startswith(self.prefix):
+                whole = full_tensor(param.detach())
+                if main:
+                    state[name[len(self.prefix) :]] = whole.cpu()
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
