@@ -10,7 +10,9 @@ score, the speed options), on spaces of the real architectures with random weigh
   two layers: they only run once at start-up to fill the prompt-embedding cache, never inside a step.
 
 Each variant is a config override on the preset; the generator update and the critic update are timed separately
-(the trainer runs ``critic_steps_per_generator_step`` critic updates per generator update).
+(the trainer runs ``critic_steps_per_generator_step`` critic updates per generator update). ``--set KEY=VALUE``
+(repeatable, any config key, e.g. ``--set train.ddp_comm_hook=bf16``) applies to every variant after its own
+overrides; the report records them and each row's resolved ``train`` options.
 
     PYTHONUNBUFFERED=1 python bench/trainer_step.py --out $OUT                              # GPU, real sizes
     python bench/trainer_step.py --tiny --out /tmp/bench                                     # CPU smoke test
@@ -21,6 +23,8 @@ trains its own batch, the report (rank 0's timings, every rank's peak memory) co
     accelerate launch --multi_gpu --num_processes 2 bench/trainer_step.py --variants preset --out $OUT/ddp
     accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 \
         --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP bench/trainer_step.py --variants preset --out $OUT/fsdp
+    accelerate launch --multi_gpu --num_processes 2 bench/trainer_step.py --variants preset \
+        --set train.ddp_comm_hook=bf16 --set train.ddp_static_graph=true --out $OUT/ddp_bf16    # DDP options
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from common import (
     write_report,
 )
 from crossdistill.bridge.model import Bridge
-from crossdistill.config import apply_overrides
+from crossdistill.config import apply_overrides, to_dict
 from crossdistill.train import distill
 from crossdistill.train.presets import PRESETS
 
@@ -124,7 +128,8 @@ def tiny_spaces(device: torch.device):
 
 
 def make_trainer(args, overrides: list[str], work: Path):
-    """A DistillTrainer on freshly built spaces (each variant trains its own copy), the Bridge saved beside it."""
+    """A DistillTrainer on freshly built spaces (each variant trains its own copy), the Bridge saved beside it.
+    ``overrides``: the variant's, then every ``--set`` of the command line."""
     device = bench_device()
     student, teacher = (tiny_spaces if args.tiny else real_spaces)(device)
     spaces = {"bench:student": student, "bench:teacher": teacher}
@@ -137,6 +142,7 @@ def make_trainer(args, overrides: list[str], work: Path):
     cfg = apply_overrides(cfg, [
         "model.student_path=bench:student", "model.teacher_path=bench:teacher", f"model.bridge_path={bridge_dir}",
         f"data.prompts={prompts}", f"train.batch_size={args.batch}", f"train.cpu={device.type == 'cpu'}", *overrides,
+        *args.set,
     ])  # fmt: skip
     run_dir = Path(tempfile.mkdtemp(dir=work, prefix="run_"))
     original = distill.load_space
@@ -148,7 +154,8 @@ def make_trainer(args, overrides: list[str], work: Path):
 
 
 def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float, clock: Clock) -> dict:
-    row: dict = {"name": name, "overrides": overrides, "preset": args.preset, "batch": args.batch, "world_size": WORLD}
+    row: dict = {"name": name, "overrides": overrides, "set": list(args.set), "preset": args.preset,
+                 "batch": args.batch, "world_size": WORLD}  # fmt: skip
     device = bench_device()
     trainer = None
     try:
@@ -156,6 +163,7 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
             t0 = time.monotonic()
             trainer = make_trainer(args, overrides, work)
             row["build_s"] = time.monotonic() - t0
+            row["train"] = to_dict(trainer.cfg.train)  # the options this row ran with (preset, variant, --set)
             t0 = time.monotonic()
             trainer.generator_step(1)
             trainer.critic_step(1)
@@ -220,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=540)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every variant, after its own (repeatable), e.g. "
+                             "--set train.ddp_comm_hook=bf16 --set train.ddp_bucket_mb=100")  # fmt: skip
     args = parser.parse_args(argv)
+    for name in args.variants:  # a wrong key or value fails here, before any model is built
+        distill.check_ddp_options(apply_overrides(PRESETS[args.preset](), [*VARIANTS[name][0], *args.set]).train)
 
     device = bench_device()
     clock = Clock(args.budget_s)
@@ -228,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     env["bf16_matmul_tflops"] = matmul_tflops(device)
     print(env, flush=True)
-    report: dict = {"env": env, "command": " ".join(sys.argv), "rows": [], "skipped": []}
+    report: dict = {"env": env, "command": " ".join(sys.argv), "set": list(args.set), "rows": [], "skipped": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants:
             overrides, cost = VARIANTS[name]
@@ -260,7 +273,7 @@ def to_markdown(report: dict) -> str:
     for r in report["rows"]:
         procs = r.get("world_size", 1)
         procs = f"{procs} ({r.get('distributed_type', '?')})" if procs > 1 else "1"
-        head = f"| {r['name']} | {' '.join(r['overrides']) or '–'} | {procs} "
+        head = f"| {r['name']} | {' '.join([*r['overrides'], *r.get('set', [])]) or '–'} | {procs} "
         if "error" in r:
             lines.append(head + f"| {r['error'].splitlines()[0][:150]} | | | | | | | |")
             continue

@@ -2,6 +2,7 @@
 
     accelerate launch --multi_gpu --num_processes 2 distributed_distill.py CONFIG RUN_DIR
     accelerate launch --config_file configs/accelerate_fsdp2.yaml distributed_distill.py CONFIG RUN_DIR [--cpu-fsdp]
+    accelerate launch --multi_gpu --num_processes 2 distributed_distill.py CONFIG RUN_DIR --ddp-runs A.json B.json
 
 It trains (or resumes) ``RUN_DIR`` with the config file and writes ``RUN_DIR/rank_N.json``: the distributed type the
 run saw, the world size and the parameter types of the sharded modules.
@@ -10,6 +11,12 @@ run saw, the world size and the parameter types of the sharded modules.
 accelerate state to FSDP2, with the plugin the launch configured, before the trainer prepares its models.
 Everything after that is accelerate's own FSDP2 preparation (``fully_shard`` per block) and torch's DTensors, on CPU.
 On GPUs, leave it out.
+
+``--ddp-runs A.json B.json ...`` (DDP only, last): before the main run, train these configs too, in the same
+processes, each in the folder beside its file (``A/``), step by step without the loop (whose ``end_training`` would
+end the process group), and add to ``rank_N.json`` under ``ddp_runs``, by file stem, each one's logs per step and what
+torch's DDP wrappers were built with. Runs that differ in ``train.ddp_*`` only are compared without launches of their
+own.
 """
 
 from __future__ import annotations
@@ -41,12 +48,42 @@ def sharded_fraction(module) -> float:
     return sum(isinstance(p, DTensor) for p in params) / len(params)
 
 
+def ddp_options(module) -> dict | None:
+    """What a DDP wrapper was built with (torch's own record of it), or None for a module DDP does not wrap."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(module, DistributedDataParallel):
+        return None
+    data = module._get_ddp_logging_data()
+    return {
+        "comm_hook": data.get("comm_hook"),
+        "bucket_cap_bytes": data["bucket_cap_bytes"],
+        "static_graph": module.static_graph,
+        "gradient_as_bucket_view": module.gradient_as_bucket_view,
+    }
+
+
+def step_through(config: Path) -> dict:
+    """Train ``config`` in ``<config without .json>/`` step by step: its logs per step and its DDP wrappers."""
+    cfg = load_config(DistillConfig, config)
+    run_dir = config.with_suffix("")
+    trainer = DistillTrainer(cfg, run_dir, accelerator=make_accelerator(cfg, run_dir))
+    logs = []
+    for step in range(1, cfg.train.max_steps + 1):
+        trainer.step = step
+        logs.append(trainer.train_step(step))
+    modules = {"generator": trainer.generator, "critic": trainer.fake, "bridge": trainer.bridge}
+    return {"logs": logs, "ddp": {role: ddp_options(m) for role, m in modules.items()}}
+
+
 def main(argv: list[str]) -> int:
     config, run_dir = Path(argv[0]), Path(argv[1])
     cfg = load_config(DistillConfig, config)
     accelerator = make_accelerator(cfg, run_dir)
     if "--cpu-fsdp" in argv:
         cpu_fsdp2_state()
+    runs = argv[argv.index("--ddp-runs") + 1 :] if "--ddp-runs" in argv else []
+    ddp_runs = {Path(path).stem: step_through(Path(path)) for path in runs}
     trainer = DistillTrainer(cfg, run_dir, accelerator=accelerator)
     info = {
         "distributed_type": str(accelerator.distributed_type),
@@ -54,9 +91,13 @@ def main(argv: list[str]) -> int:
         "sharded": trainer.sharded,
         # parameters held as DTensor shards, per role, once prepared (a frozen root's own few stay gathered after
         # a forward: FSDP2 reshards a root's parameters in backward only)
-        "dtensor_params": {role: sharded_fraction(m) for role, m in
-                           (("generator", trainer.generator), ("critic", trainer.fake), ("real", trainer.real))},
+        "dtensor_params": {
+            role: sharded_fraction(m)
+            for role, m in (("generator", trainer.generator), ("critic", trainer.fake), ("real", trainer.real))
+        },
     }
+    if ddp_runs:
+        info["ddp_runs"] = ddp_runs
     trainer.train()
     (run_dir / f"rank_{accelerator.process_index}.json").write_text(json.dumps(info))
     return 0

@@ -71,17 +71,24 @@ def test_trainer_step_tiny(tmp_path):
 
 
 def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
-    """The trainer bench on two gloo processes (DDP): samples/s over both batches, a peak per rank, no FLOP count."""
+    """The trainer bench on two gloo processes (DDP): samples/s over both batches, a peak per rank, no FLOP count;
+    DDP options from --set, recorded in the report (fp16: this CPU build of torch refuses the bf16 hook)."""
+    sets = ["--set", "train.ddp_comm_hook=fp16", "--set", "train.ddp_static_graph=true"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "bench" / "trainer_step.py"), "--tiny", "--variants", "preset", "--iters", "1",
-           "--out", str(tmp_path)]  # fmt: skip
+           "--out", str(tmp_path), *sets]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    row = json.loads((tmp_path / "trainer_step.json").read_text())["rows"][0]
+    report = json.loads((tmp_path / "trainer_step.json").read_text())
+    row = report["rows"][0]
     assert "error" not in row, row.get("error")
     assert row["world_size"] == 2 and row["distributed_type"] == "MULTI_CPU"
+    assert report["set"] == row["set"] == ["train.ddp_comm_hook=fp16", "train.ddp_static_graph=true"]
+    assert "--set train.ddp_comm_hook=fp16" in report["command"]
+    assert row["train"]["ddp_comm_hook"] == "fp16" and row["train"]["ddp_static_graph"] is True
+    assert "train.ddp_comm_hook=fp16" in (tmp_path / "trainer_step.md").read_text()
     assert len(row["peak_gb_per_rank"]) == 2 and "generator_tflop" not in row
     assert row["samples_per_s_generator"] == pytest.approx(2 * 4 / (row["cycle_ms"] * 1e-3))
 

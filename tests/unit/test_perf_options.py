@@ -1,4 +1,5 @@
-"""The trainer's speed options (issue 7): regional compile, fused AdamW, channels_last, text-encoder offload.
+"""The trainer's speed options (issue 7): regional compile, fused AdamW, channels_last, text-encoder offload, and
+the DDP options (train.ddp_*; their two-process runs are in tests/integration/test_distributed_distill.py).
 
 Each option must leave what a step computes unchanged (up to rounding) and checkpoints interchangeable. The
 compile tests here trace with dynamo's ``eager`` backend (graph capture, guards and recompiles, no C++ codegen);
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from crossdistill.errors import ConfigError
 from crossdistill.models.sd3 import SD3Space
 from crossdistill.models.sd15 import SD15Space
 from crossdistill.train import distill
@@ -178,8 +180,10 @@ def test_defaults_and_cli_show_the_options(capsys):
     assert main(["distill", "--preset", "emoji_shared", "--print-config"]) == 0
     out = capsys.readouterr().out
     for key in ("compile", "fused_optimizer", "channels_last", "offload_text_encoders", "offload_idle_vaes",
-                "subpixel_upsample"):  # fmt: skip
+                "subpixel_upsample", *distill.DDP_KEYS):  # fmt: skip
         assert f'"{key}"' in out
+    assert (t.ddp_comm_hook, t.ddp_bucket_mb) == ("none", 25)  # torch's bucket size
+    assert t.ddp_static_graph is False and t.ddp_grad_as_bucket_view is False
 
 
 def test_compile_traces_the_step_modules_and_checkpoints_load_without_compile(cross_runs, tmp_path, monkeypatch):
@@ -316,3 +320,152 @@ def test_idle_vae_parts_are_offloaded_and_never_used_again(cross_runs, tmp_path,
     assert (tmp_path / "run" / "samples" / "step_000002.png").is_file()
     if bridge_kind == "prior_projector":  # the eager run's Bridge: the same losses
         _assert_losses_close(_losses(tmp_path / "run"), _losses(folder / "eager")[:2], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DDP options (train.ddp_*): the accelerate kwargs they build, what is refused, what is ignored
+
+
+def _ddp_train(**options) -> distill.TrainConfig:
+    return distill.TrainConfig(**options)
+
+
+def _ddp_config(**options) -> distill.DistillConfig:
+    """A config check_config passes, but for the options given."""
+    cfg = distill.DistillConfig(train=_ddp_train(**options))
+    cfg.model.bridge_kind = "identity"
+    return cfg
+
+
+def test_ddp_kwargs_are_torchs_defaults_unless_set():
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+
+    kwargs = distill.ddp_kwargs(_ddp_train())
+    assert isinstance(kwargs, DistributedDataParallelKwargs)
+    assert kwargs.to_kwargs() == {} and kwargs.comm_hook == DDPCommunicationHookType.NO  # DDP built as before
+    tuned = distill.ddp_kwargs(_ddp_train(ddp_comm_hook="bf16", ddp_bucket_mb=100, ddp_static_graph=True,
+                                          ddp_grad_as_bucket_view=True))  # fmt: skip
+    # what accelerate hands to torch.nn.parallel.DistributedDataParallel, and the hook it registers after wrapping
+    assert tuned.to_kwargs() == {"bucket_cap_mb": 100, "static_graph": True, "gradient_as_bucket_view": True}
+    assert tuned.comm_hook == DDPCommunicationHookType.BF16
+    assert distill.ddp_kwargs(_ddp_train(ddp_comm_hook="fp16")).comm_hook == DDPCommunicationHookType.FP16
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"ddp_comm_hook": "int8"}, r"train.ddp_comm_hook must be one of 'none', 'fp16', 'bf16'; got 'int8'"),
+        ({"ddp_bucket_mb": 0}, r"train.ddp_bucket_mb must be an int >= 1 .*got 0"),
+        ({"ddp_bucket_mb": 2.5}, r"train.ddp_bucket_mb must be an int >= 1 .*got 2.5"),
+        ({"ddp_static_graph": "yes"}, r"train.ddp_static_graph must be true or false; got 'yes'"),
+        ({"ddp_grad_as_bucket_view": 1}, r"train.ddp_grad_as_bucket_view must be true or false; got 1"),
+    ],
+)
+def test_ddp_options_refuse_bad_values_naming_the_key(options, match):
+    cfg = _ddp_config(**options)
+    with pytest.raises(ConfigError, match=match):
+        distill.ddp_kwargs(cfg.train)
+    with pytest.raises(ConfigError, match=match):
+        distill.check_config(cfg)
+
+
+def test_ddp_options_from_the_command_line():
+    from crossdistill.config import apply_overrides
+
+    sets = ["train.ddp_comm_hook=fp16", "train.ddp_bucket_mb=50", "train.ddp_static_graph=true",
+            "train.ddp_grad_as_bucket_view=on"]  # fmt: skip
+    t = apply_overrides(distill.DistillConfig(), sets).train
+    assert (t.ddp_comm_hook, t.ddp_bucket_mb) == ("fp16", 50)
+    assert t.ddp_static_graph is True and t.ddp_grad_as_bucket_view is True
+    cfg = distill.DistillConfig()
+    with pytest.raises(ConfigError, match=r"'train.ddp_comm_hook' must be one of 'none', 'fp16', 'bf16'"):
+        apply_overrides(cfg, ["train.ddp_comm_hook=int8"])
+    with pytest.raises(ConfigError, match=r"'train.ddp_bucket_mb' expects an int"):
+        apply_overrides(cfg, ["train.ddp_bucket_mb=big"])
+
+
+def test_static_graph_is_refused_with_the_gan_and_why():
+    """The GAN's generator-side pass runs the critic under DDP's no_sync: torch's static-graph reducer then fails on
+    the first generator update (reducer.cpp: expect_autograd_hooks_ INTERNAL ASSERT FAILED, seen on 2 gloo
+    processes). Without the GAN it trains, bit for bit plain DDP (test_distributed_distill.py)."""
+    cfg = _ddp_config(ddp_static_graph=True, gan_weight=0.1)
+    cfg.data.real_images = "emoji:train"
+    distill.check_config(_ddp_config())
+    with pytest.raises(ConfigError, match=r"ddp_static_graph=true cannot run with the GAN.*no_sync"):
+        distill.check_config(cfg)
+    cfg.train.gan_weight = 0.0
+    distill.check_config(cfg)
+
+
+def _accelerator(kind: str, processes: int = 2, handler=None):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    return SimpleNamespace(distributed_type=DistributedType[kind], num_processes=processes, is_main_process=True,
+                           ddp_handler=handler)  # fmt: skip
+
+
+def test_ddp_options_are_ignored_with_one_info_line_without_ddp(caplog):
+    import logging
+
+    cfg = distill.DistillConfig(train=_ddp_train(ddp_comm_hook="bf16", ddp_bucket_mb=50))
+    for acc, sharded, kind in ((_accelerator("NO", 1), False, "on one process"),
+                               (_accelerator("MULTI_GPU", 1), False, "on one process"),
+                               (_accelerator("FSDP"), True, "FSDP2")):  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="crossdistill.train.distill"):
+            distill.check_ddp_accelerator(cfg, acc, sharded=sharded)
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and kind in lines[0], lines
+        assert "train.ddp_comm_hook='bf16', train.ddp_bucket_mb=50 ignored" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="crossdistill.train.distill"):  # at their defaults: silent
+        distill.check_ddp_accelerator(distill.DistillConfig(), _accelerator("NO", 1), sharded=False)
+    assert not caplog.records
+
+
+def test_ddp_run_refuses_an_accelerator_without_the_options_and_a_bf16_hook_torch_refuses(monkeypatch):
+    cfg = distill.DistillConfig(train=_ddp_train(ddp_comm_hook="bf16", ddp_static_graph=True))
+    monkeypatch.setattr(distill, "bf16_comm_hook_supported", lambda: True)
+    distill.check_ddp_accelerator(cfg, _accelerator("MULTI_GPU", handler=distill.ddp_kwargs(cfg.train)), sharded=False)
+    distill.check_ddp_accelerator(cfg, _accelerator("MULTI_CPU", handler=distill.ddp_kwargs(cfg.train)), sharded=False)
+    for handler in (None, distill.ddp_kwargs(distill.TrainConfig())):  # e.g. an Accelerator() built by the caller
+        with pytest.raises(ConfigError, match="built without them: build it with .*make_accelerator"):
+            distill.check_ddp_accelerator(cfg, _accelerator("MULTI_GPU", handler=handler), sharded=False)
+    # torch's DDP takes the bf16 hook in CUDA / ROCm builds with NCCL >= 2.10 (or XPU + XCCL) only, even on gloo
+    monkeypatch.setattr(distill, "bf16_comm_hook_supported", lambda: False)
+    with pytest.raises(ConfigError, match="ddp_comm_hook=bf16.*CUDA / ROCm build.*ddp_comm_hook=fp16"):
+        distill.check_ddp_accelerator(cfg, _accelerator("MULTI_CPU", handler=distill.ddp_kwargs(cfg.train)),
+                                      sharded=False)  # fmt: skip
+
+
+def test_bf16_hook_support_follows_torchs_own_check():
+    from torch.nn.parallel import DistributedDataParallel
+
+    if torch.version.cuda is None and torch.version.hip is None:  # this CPU build: torch's check refuses it too
+        assert not distill.bf16_comm_hook_supported()
+    source = __import__("inspect").getsource(DistributedDataParallel._check_comm_hook)
+    assert "bf16_compress_hook" in source and "(2, 10)" in source  # the check this mirrors is still torch's
+
+
+def test_ddp_options_are_resume_safe_and_ignored_on_one_process(cross_runs, tmp_path):
+    """Speed options: left out of the config hash (so a run of an older version, without the keys, resumes too) and
+    free to change on resume. On one process they change nothing: the eager run's losses, bit for bit."""
+    from crossdistill.config import config_hash, prepare_run_dir, to_dict
+
+    folder, cfg = cross_runs
+    tuned = _cfg(cfg, ddp_comm_hook="fp16", ddp_bucket_mb=1, ddp_static_graph=True, ddp_grad_as_bucket_view=True)
+    assert config_hash(tuned, distill.DISTILL_RESUME_SAFE) == config_hash(cfg, distill.DISTILL_RESUME_SAFE)
+    older = tmp_path / "older"  # config.json of a version without the keys
+    prepare_run_dir(older, cfg, resume_safe=distill.DISTILL_RESUME_SAFE)
+    saved = to_dict(cfg)
+    for key in distill.DDP_KEYS:
+        del saved["train"][key]
+    (older / "config.json").write_text(__import__("json").dumps(saved))
+    prepare_run_dir(older, tuned, resume_safe=distill.DISTILL_RESUME_SAFE)
+
+    run = tmp_path / "run"
+    assert DistillTrainer(_cfg(tuned, max_steps=2), run).train() == 2
+    assert DistillTrainer(cfg, run).train() == 4  # resumed with the options back at their defaults
+    _assert_losses_close(_losses(run), _losses(folder / "eager"), rtol=0, atol=0)

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 from torch import Tensor, nn
 
 from crossdistill.bridge.model import TRAINABLE_KINDS, Bridge
@@ -72,6 +73,10 @@ SPEED_KEYS = (
     "train.offload_text_encoders",
     "train.offload_idle_vaes",
     "train.subpixel_upsample",
+    "train.ddp_comm_hook",  # rounds the all-reduced gradients to bf16 / fp16: a rounding, like mixed precision
+    "train.ddp_bucket_mb",
+    "train.ddp_static_graph",
+    "train.ddp_grad_as_bucket_view",
 )
 DISTILL_RESUME_SAFE = (*RESUME_SAFE_KEYS, *SPEED_KEYS)
 # Where train.offload_text_encoders / offload_idle_vaes put what they move (tests set "meta": any later use fails).
@@ -123,6 +128,11 @@ class TrainConfig:
     offload_text_encoders: bool = True  # move both text encoders to CPU once every prompt embedding is cached
     offload_idle_vaes: bool = True  # once the reals are encoded: Teacher VAE and Student VAE encoder to CPU
     subpixel_upsample: bool = False  # UNet / VAE "nearest x2 + 3x3 conv" in exact sub-pixel form (models/subpixel.py)
+    # DDP only (ignored on one process and under FSDP), passed to torch's DistributedDataParallel through accelerate:
+    ddp_comm_hook: Literal["none", "fp16", "bf16"] = "none"  # all-reduce gradients in this dtype (bf16: CUDA + NCCL)
+    ddp_bucket_mb: int = 25  # gradient bucket size in MiB (bucket_cap_mb; torch's default 25)
+    ddp_static_graph: bool = False  # static_graph: the same parameters get gradients every step (not with the GAN)
+    ddp_grad_as_bucket_view: bool = False  # gradient_as_bucket_view: gradients are views into the all-reduce buckets
 
 
 @dataclass(kw_only=True)
@@ -181,12 +191,113 @@ def check_config(cfg: DistillConfig) -> None:
             "train.compile=true, but torch.compile is not supported on this platform / Python: "
             "--set train.compile=false"
         )
+    check_ddp_options(t)
+    if t.ddp_static_graph and t.gan_weight > 0:
+        raise ConfigError(
+            "train.ddp_static_graph=true cannot run with the GAN (train.gan_weight > 0): the generator update runs "
+            "the critic's GAN pass under DDP's no_sync (its gradients only need to reach the generator, and the "
+            "critic's blocks past the feature block get none), and DDP's static graph wants one synchronised backward "
+            "of the same parameters every step (torch fails in its reducer: 'expect_autograd_hooks_ INTERNAL ASSERT "
+            "FAILED'). --set train.ddp_static_graph=false, or train.gan_weight=0"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DDP tuning (train.ddp_*): torch's DistributedDataParallel arguments, passed through accelerate
+
+DDP_COMM_HOOKS = ("none", "fp16", "bf16")
+DDP_KEYS = ("ddp_comm_hook", "ddp_bucket_mb", "ddp_static_graph", "ddp_grad_as_bucket_view")
+
+
+def check_ddp_options(t: TrainConfig) -> None:
+    """Refuse ``train.ddp_*`` values DDP cannot take, naming the key and what it accepts."""
+    if t.ddp_comm_hook not in DDP_COMM_HOOKS:
+        raise ConfigError(
+            f"train.ddp_comm_hook must be one of {', '.join(map(repr, DDP_COMM_HOOKS))}; got {t.ddp_comm_hook!r}"
+        )
+    if isinstance(t.ddp_bucket_mb, bool) or not isinstance(t.ddp_bucket_mb, int) or t.ddp_bucket_mb < 1:
+        raise ConfigError(f"train.ddp_bucket_mb must be an int >= 1 (MiB, torch default 25); got {t.ddp_bucket_mb!r}")
+    for key in ("ddp_static_graph", "ddp_grad_as_bucket_view"):
+        if not isinstance(getattr(t, key), bool):
+            raise ConfigError(f"train.{key} must be true or false; got {getattr(t, key)!r}")
+
+
+def ddp_kwargs(t: TrainConfig) -> DistributedDataParallelKwargs:
+    """accelerate's ``DistributedDataParallelKwargs`` for ``train.ddp_*`` (it hands them to torch's DDP, and
+    registers the compression hook, when it wraps a model under DDP; FSDP and one process ignore it)."""
+    check_ddp_options(t)
+    hook = {"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
+            "bf16": DDPCommunicationHookType.BF16}[t.ddp_comm_hook]  # fmt: skip
+    return DistributedDataParallelKwargs(
+        bucket_cap_mb=t.ddp_bucket_mb,
+        static_graph=t.ddp_static_graph,
+        gradient_as_bucket_view=t.ddp_grad_as_bucket_view,
+        comm_hook=hook,
+    )
+
+
+def bf16_comm_hook_supported() -> bool:
+    """Whether torch's DDP takes the bf16 compression hook: it refuses it, by the hook's name and whatever the process
+    group's backend, unless torch is a CUDA / ROCm build with NCCL >= 2.10, or XPU with XCCL
+    (``DistributedDataParallel._check_comm_hook``). So a CPU build refuses it even on gloo, which all-reduces bf16."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    cuda_build = torch.version.cuda is not None or torch.version.hip is not None
+    try:
+        nccl = dist.is_nccl_available() and torch.cuda.nccl.version() >= (2, 10)
+    except Exception:  # no NCCL in this build
+        nccl = False
+    xccl = getattr(dist, "is_xccl_available", lambda: False)() and torch.xpu.is_available()
+    return bool((cuda_build and nccl) or xccl)
+
+
+def is_ddp(accelerator) -> bool:
+    """True when accelerate wraps trained models in DDP: several processes, any ``MULTI_*`` type (CPU/gloo too)."""
+    return accelerator.num_processes > 1 and accelerator.distributed_type.value.startswith("MULTI_")
+
+
+def non_default_ddp_options(t: TrainConfig) -> list[str]:
+    defaults = TrainConfig()
+    return [f"train.{k}={getattr(t, k)!r}" for k in DDP_KEYS if getattr(t, k) != getattr(defaults, k)]
+
+
+def check_ddp_accelerator(cfg: DistillConfig, accelerator, *, sharded: bool) -> None:
+    """``train.ddp_*`` set off their defaults: say so (one info line) when the run has no DDP; under DDP refuse a bf16
+    hook torch would refuse, and an accelerator (maybe built by the caller) that does not carry the options."""
+    chosen = non_default_ddp_options(cfg.train)
+    if not chosen:
+        return
+    if not is_ddp(accelerator):
+        if accelerator.is_main_process:
+            kind = "FSDP2 (it shards instead)" if sharded else "on one process"
+            logger.info("%s ignored: DDP options, and this run is %s", ", ".join(chosen), kind)
+        return
+    if cfg.train.ddp_comm_hook == "bf16" and not bf16_comm_hook_supported():
+        raise ConfigError(
+            "train.ddp_comm_hook=bf16: torch's DDP takes the bf16 hook only in a CUDA / ROCm build with NCCL >= "
+            "2.10 (or XPU with XCCL), and this torch is not one: --set train.ddp_comm_hook=fp16 (or none)"
+        )
+    want, have = ddp_kwargs(cfg.train), getattr(accelerator, "ddp_handler", None)
+    fields = ("bucket_cap_mb", "static_graph", "gradient_as_bucket_view", "comm_hook")
+    if have is None or any(getattr(have, f) != getattr(want, f) for f in fields):
+        raise ConfigError(
+            f"{', '.join(chosen)} set, but the accelerator given to the trainer was built without them: "
+            "build it with crossdistill.train.distill.make_accelerator(cfg, run_dir)"
+        )
 
 
 def make_accelerator(cfg: DistillConfig, run_dir: str | Path) -> Accelerator:
-    """The run's accelerator: DDP / FSDP come from ``accelerate launch`` (its config), precision from ``cfg``."""
+    """The run's accelerator: DDP / FSDP come from ``accelerate launch`` (its config), precision from ``cfg``, and the
+    DDP wrapping options from ``train.ddp_*``."""
     t = cfg.train
-    return Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu, **tracker_kwargs(run_dir, cfg.log.tensorboard))
+    return Accelerator(
+        mixed_precision=t.mixed_precision,
+        cpu=t.cpu,
+        kwargs_handlers=[ddp_kwargs(t)],
+        **tracker_kwargs(run_dir, cfg.log.tensorboard),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,6 +461,7 @@ class DistillTrainer:
                 "train.cotrain_bridge is not supported under FSDP (the Bridge would need its own sharded optimiser): "
                 "use DDP (an accelerate config without FSDP) or --set train.cotrain_bridge=false"
             )
+        check_ddp_accelerator(cfg, acc, sharded=self.sharded)
         if acc.is_main_process:  # config.json beside the run; refuses a run dir that holds another run
             prepare_run_dir(self.run_dir, cfg, resume_safe=DISTILL_RESUME_SAFE)
         acc.wait_for_everyone()
