@@ -2,8 +2,9 @@
 
 Every variant runs :class:`crossdistill.export.fast.OneStepRunner` with one set of options; the first variant
 (all options off, bf16) is the eager diffusers baseline, measured in the same run, and the second is the library
-default (compile + our CUDA graphs + channels_last), so new options compare against both in one run. Random
-weights at the real SD 1.5 sizes. Goals (issue 7): batch 1 ≤ 10 ms; batch 8 ≥ 2× the eager images/s.
+default (compile + our CUDA graphs + channels_last + per-channel GroupNorm statistics + matmul attention for the
+VAE's wide head), so new options compare against both in one run. Random weights at the real SD 1.5 sizes.
+Goals (issue 7): batch 1 ≤ 10 ms; batch 8 ≥ 2× the eager images/s.
 
 Right after the default variant (cheapest first):
 - ``--profile`` (batch 1): torch.profiler over 10 calls of the default's compiled step *without* our CUDA
@@ -46,7 +47,9 @@ from common import (
     write_report,
 )
 from crossdistill.export.fast import SD15_SCALE, FastPathOptions, OneStepRunner
+from crossdistill.models.groupnorm import disable_channel_stats_group_norm
 from crossdistill.models.subpixel import disable_subpixel_upsample
+from crossdistill.models.wide_attention import disable_wide_head_matmul_attention
 
 REPORT = "infer_one_step"
 
@@ -59,8 +62,10 @@ class Variant:
     default: bool = False  # the library default: profile and split run right after it (unless --focus)
 
 
-EAGER = dict(dtype="bfloat16", channels_last=False, compile=None, cuda_graphs=False)
-DEFAULT = asdict(FastPathOptions())  # the library default (compile "default" + cuda_graphs + channels_last, bf16)
+# Plain diffusers: every option that changes what runs is off.
+EAGER = dict(dtype="bfloat16", channels_last=False, compile=None, cuda_graphs=False, channel_stats_norm=False,
+             wide_head_attention=False)  # fmt: skip
+DEFAULT = asdict(FastPathOptions())  # the library default
 FUSE = dict(fuse_qkv=True)
 TUNING = dict(inductor_tuning=True)
 SUB = dict(subpixel_upsample=True)
@@ -70,7 +75,9 @@ SUB = dict(subpixel_upsample=True)
 # conv/GEMM template, several times longer. Later compiles of the same kernels hit inductor's caches.
 MAIN_VARIANTS: list[tuple[str, dict, float]] = [
     ("eager (diffusers baseline)", EAGER, 15),
-    ("compile + cuda_graphs + channels_last (default)", DEFAULT, 150),
+    ("compile + cuda_graphs + channels_last + channel_stats_norm + wide_head_attention (default)", DEFAULT, 150),
+    ("default without channel_stats_norm, wide_head_attention (the default until 2026-11-26)",
+     DEFAULT | dict(channel_stats_norm=False, wide_head_attention=False), 150),
     ("default + fuse_qkv", DEFAULT | FUSE, 150),
     ("default + fuse_qkv + inductor_tuning", DEFAULT | FUSE | TUNING, 400),
     ("default + subpixel_upsample", DEFAULT | SUB, 150),
@@ -78,7 +85,7 @@ MAIN_VARIANTS: list[tuple[str, dict, float]] = [
     ("compile max-autotune-no-cudagraphs + cuda_graphs + channels_last + fuse_qkv + inductor_tuning",
      DEFAULT | dict(compile="max-autotune-no-cudagraphs") | FUSE | TUNING, 900),
 ]  # fmt: skip
-# Measured on the H100 (docs/performance.md) and slower than the default: only with --all or --only.
+# Measured on the H100 (docs/performance.md) and slower than the default, or a tie: only with --all or --only.
 EXTRA_VARIANTS: list[tuple[str, dict, float]] = [
     ("eager + channels_last", EAGER | dict(channels_last=True), 15),
     ("eager + cuda_graphs", EAGER | dict(cuda_graphs=True), 15),
@@ -89,6 +96,8 @@ EXTRA_VARIANTS: list[tuple[str, dict, float]] = [
     ("compile reduce-overhead + channels_last", EAGER | dict(compile="reduce-overhead", channels_last=True), 150),
     ("compile max-autotune-no-cudagraphs + cuda_graphs + channels_last",
      DEFAULT | dict(compile="max-autotune-no-cudagraphs"), 700),
+    ("default + conv_1x1_as_mm", DEFAULT | dict(inductor_config={"conv_1x1_as_mm": True}), 150),
+    ("default + freezing", DEFAULT | dict(inductor_config={"freezing": True}), 150),
 ]  # fmt: skip
 SPLIT_COST_S = 140  # two more compiled + captured graphs (UNet part, decode part) per batch size
 PROFILE_COST_S = 15
@@ -131,12 +140,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def restore(unet, vae) -> None:
-    """Undo what a runner did to the shared modules in place (fused q/k/v, sub-pixel upsamplers)."""
+    """Undo what a runner did to the shared modules in place (fused q/k/v, sub-pixel upsamplers, norms, processors)."""
     for m in (unet, vae):
         fused = any(type(p).__name__ == "FusedAttnProcessor2_0" for p in m.attn_processors.values())
         if fused and getattr(m, "original_attn_processors", None):
             m.unfuse_qkv_projections()
         disable_subpixel_upsample(m)
+        disable_channel_stats_group_norm(m)
+        disable_wide_head_matmul_attention(m)
 
 
 def release(device: torch.device) -> None:

@@ -29,12 +29,26 @@ def test_infer_one_step_tiny(tmp_path):
     rows = {r["name"]: r for r in report["results"]}
     assert rows, "no variant ran"
     assert "error" not in rows["default + subpixel_upsample"]
+    assert "error" not in next(row for name, row in rows.items() if "the default until 2026-11-26" in name)
     baseline = report["results"][0]
     assert baseline["name"].startswith("eager")
     for b in ("1", "8"):
         assert math.isfinite(baseline["batches"][b]["ms"]) and baseline["batches"][b]["finite"]
     assert set(report["split"]) >= {"unet", "decode"}
     assert (tmp_path / "infer_one_step.md").read_text().startswith("# One-step SD 1.5 inference")
+
+
+def test_norm_study_tiny(tmp_path):
+    run_bench("norm_study.py", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "norm_study.json").read_text())
+    assert report["gn_micro"] and all(r["chstats_nhwc"]["max_err"] < 0.1 for r in report["gn_micro"])
+    parts = report["parts"]
+    assert set(parts) == {"decode | stock", "decode | channel_stats_norm", "decode | wide_head_attention",
+                          "decode | channel_stats_norm + wide_head_attention", "unet | stock",
+                          "unet | channel_stats_norm"}  # fmt: skip
+    assert not any("error" in row for row in parts.values())
+    assert math.isfinite(parts["decode | channel_stats_norm"]["8"]["rel_err_vs_first"])
+    assert "| decode | stock |" in (tmp_path / "norm_study.md").read_text()
 
 
 def test_train_step_tiny(tmp_path):

@@ -26,14 +26,25 @@ memory. The options below remove those costs one at a time (docs/performance.md 
   this runner's step (each input shape compiles lazily at its first call) and never change the global
   ``torch._inductor.config``. Needs ``compile``; like ``compile`` it only applies on CUDA (ignored with the same
   warning elsewhere). Coordinate descent makes each first call (per input shape) markedly slower;
+- ``inductor_config``: any other ``torch._inductor.config`` settings for this runner's compilations, passed the same
+  way (e.g. ``{"conv_1x1_as_mm": True}`` or ``{"freezing": True}``); unknown names are a ``ConfigError``;
 - ``subpixel_upsample``: every "nearest ×2 upsample + 3×3 conv" of the UNet and the VAE decoder runs as one 2×2
   conv with four times the output channels and an interleave (:mod:`crossdistill.models.subpixel`): the same
   arithmetic with 4/9 of those convs' multiply-adds (−15 % of the decode's FLOPs, −4 % of the UNet's), equal up to
   rounding. The runner switches the modules it was given in place
-  (:func:`~crossdistill.models.subpixel.disable_subpixel_upsample` switches them back). Works on CPU too.
+  (:func:`~crossdistill.models.subpixel.disable_subpixel_upsample` switches them back). Works on CPU too;
+- ``channel_stats_norm``: every ``nn.GroupNorm`` of the UNet and the VAE takes its statistics per channel first and
+  combines them per group exactly (:mod:`crossdistill.models.groupnorm`): the same function up to rounding, as a
+  reduction that reads channels_last memory in order and has ``B·C`` outputs instead of ``B·32``. The runner switches
+  the modules in place (:func:`~crossdistill.models.groupnorm.disable_channel_stats_group_norm` switches them back).
+  Works on CPU too;
+- ``wide_head_attention``: attention heads wider than 256 (the VAE's single 512-wide mid-block head), which the flash
+  and cuDNN SDPA kernels do not take, run as two matmuls and a float32 softmax instead of the memory-efficient kernel
+  (:mod:`crossdistill.models.wide_attention`); the UNet's heads are left alone. With ``fuse_qkv`` too, a module that
+  has wide heads (the VAE) keeps them unfused. Works on CPU too.
 
-On a CPU only ``dtype``, ``channels_last``, ``fuse_qkv`` and ``subpixel_upsample`` apply; the result equals the
-plain eager path up to rounding.
+On a CPU only ``dtype``, ``channels_last``, ``fuse_qkv``, ``subpixel_upsample``, ``channel_stats_norm`` and
+``wide_head_attention`` apply; the result equals the plain eager path up to rounding.
 """
 
 from __future__ import annotations
@@ -41,13 +52,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from crossdistill.errors import ConfigError
+from crossdistill.models.groupnorm import enable_channel_stats_group_norm
 from crossdistill.models.subpixel import enable_subpixel_upsample
+from crossdistill.models.wide_attention import enable_wide_head_matmul_attention
 
 # SD 1.5's DDPM schedule ("scaled_linear", β from 0.00085 to 0.012 over 1000 steps); its ᾱ at t = 999 is ≈ 0.00466.
 SD15_BETA_START, SD15_BETA_END, SD15_NUM_TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
@@ -88,6 +101,9 @@ class FastPathOptions:
     fuse_qkv: bool = False  # fused q/k/v (cross-attention: k/v) projections in the UNet and VAE attentions
     inductor_tuning: bool = False  # INDUCTOR_TUNING for this runner's compilations; needs compile; CUDA only
     subpixel_upsample: bool = False  # nearest x2 + 3x3 conv in exact sub-pixel form (models/subpixel.py)
+    channel_stats_norm: bool = True  # GroupNorm statistics per channel, then per group (models/groupnorm.py)
+    wide_head_attention: bool = True  # heads wider than 256 as matmuls, not the mem-efficient kernel (wide_attention)
+    inductor_config: dict = field(default_factory=dict)  # extra torch._inductor.config settings for the compile
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -99,13 +115,22 @@ class FastPathOptions:
             raise ConfigError(f"compile mode {self.compile!r} captures its own CUDA graphs: set cuda_graphs=False")
         if self.inductor_tuning and self.compile is None:
             raise ConfigError("inductor_tuning configures torch.compile's inductor backend: it needs compile set")
+        if self.inductor_config:
+            import torch._inductor.config as inductor_config
+
+            if self.compile is None:
+                raise ConfigError("inductor_config configures torch.compile's inductor backend: it needs compile set")
+            unknown = sorted(k for k in self.inductor_config if not hasattr(inductor_config, k))
+            if unknown:
+                raise ConfigError(f"inductor_config: {unknown} are not torch._inductor.config settings (see its docs)")
 
 
-def inductor_options(mode: str, tuning: bool) -> dict:
-    """``torch.compile`` options equivalent to ``mode`` (its inductor settings), plus :data:`INDUCTOR_TUNING`."""
+def inductor_options(mode: str, tuning: bool, extra: dict | None = None) -> dict:
+    """``torch.compile`` options equivalent to ``mode`` (its inductor settings), plus :data:`INDUCTOR_TUNING` and
+    ``extra``."""
     from torch._inductor import list_mode_options
 
-    return dict(list_mode_options(mode, dynamic=False)) | (INDUCTOR_TUNING if tuning else {})
+    return dict(list_mode_options(mode, dynamic=False)) | (INDUCTOR_TUNING if tuning else {}) | (extra or {})
 
 
 STOCK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
@@ -172,6 +197,7 @@ class OneStepRunner:
             ("compile", self.options.compile),
             ("cuda_graphs", self.options.cuda_graphs),
             ("inductor_tuning", self.options.inductor_tuning),
+            ("inductor_config", bool(self.options.inductor_config)),
         )
         ignored = [name for name, on in cuda_only if on]
         if not on_cuda and ignored:
@@ -183,13 +209,18 @@ class OneStepRunner:
         self.unet, self.vae = (
             m.to(device=self.device, dtype=self.dtype, memory_format=memory_format) for m in (unet, vae)
         )
+        wide = {id(m): self.options.wide_head_attention and enable_wide_head_matmul_attention(m) > 0
+                for m in (self.unet, self.vae)}  # fmt: skip
         if self.options.fuse_qkv:  # after the move: the fused weights are concatenated on the device, in dtype
             for m in (self.unet, self.vae):
-                fuse_qkv_projections(m)
+                if not wide[id(m)]:  # a module with wide heads (the VAE) keeps its faster unfused matmul attention
+                    fuse_qkv_projections(m)
         for m in (self.unet, self.vae):  # after fusing: the new fused Linears are trainable when created
             m.eval().requires_grad_(False)
             if self.options.subpixel_upsample:
                 enable_subpixel_upsample(m)
+            if self.options.channel_stats_norm:
+                enable_channel_stats_group_norm(m)
         # A device tensor, so the timestep never forces a host→device copy inside a captured graph.
         self.timestep = torch.full((1,), timestep, device=self.device, dtype=torch.long)
 
@@ -197,8 +228,8 @@ class OneStepRunner:
         self._step: Callable[[Tensor, Tensor], Tensor] = self._eager_step
         if compile_mode is not None:
             # dynamic=False: each batch size gets its own specialised kernels (a handful of shapes in practice).
-            if self.options.inductor_tuning:  # torch.compile takes mode or options, not both: options = mode's + ours
-                options = inductor_options(compile_mode, tuning=True)
+            if self.options.inductor_tuning or self.options.inductor_config:  # mode or options, not both
+                options = inductor_options(compile_mode, self.options.inductor_tuning, self.options.inductor_config)
                 self._step = torch.compile(self._eager_step, options=options, dynamic=False)
             else:
                 self._step = torch.compile(self._eager_step, mode=compile_mode, dynamic=False)
