@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from crossdistill.models.swap import swap_classes
+
 
 def channel_stats_group_norm(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
@@ -60,22 +62,12 @@ class ChannelStatsGroupNorm(nn.GroupNorm):
 
 def enable_channel_stats_group_norm(module: nn.Module) -> int:
     """Switch every plain ``nn.GroupNorm`` in ``module`` to :class:`ChannelStatsGroupNorm`; returns how many."""
-    count = 0
-    for m in module.modules():
-        if type(m) is nn.GroupNorm:
-            m.__class__ = ChannelStatsGroupNorm
-            count += 1
-    return count
+    return swap_classes(module, lambda m: type(m) is nn.GroupNorm, ChannelStatsGroupNorm)
 
 
 def disable_channel_stats_group_norm(module: nn.Module) -> int:
     """Undo :func:`enable_channel_stats_group_norm`; returns how many modules went back to ``nn.GroupNorm``."""
-    count = 0
-    for m in module.modules():
-        if type(m) is ChannelStatsGroupNorm:
-            m.__class__ = nn.GroupNorm
-            count += 1
-    return count
+    return swap_classes(module, lambda m: type(m) is ChannelStatsGroupNorm, nn.GroupNorm)
 
 
 __all__ = [

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from diffusers.models.upsampling import Upsample2D
 from torch import Tensor, nn
 
+from crossdistill.models.swap import swap_classes
+
 
 def _fold_axis(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """Three taps along ``dim`` → the two-tap kernels of phase 0 and phase 1."""
@@ -105,19 +107,9 @@ def enable_subpixel_upsample(module: nn.Module) -> int:
 
     Weights, state-dict keys and configs are untouched (``save_pretrained`` writes the same files).
     """
-    count = 0
-    for m in module.modules():
-        if _eligible(m):
-            m.__class__ = SubpixelUpsample2D
-            count += 1
-    return count
+    return swap_classes(module, _eligible, SubpixelUpsample2D)
 
 
 def disable_subpixel_upsample(module: nn.Module) -> int:
     """Undo :func:`enable_subpixel_upsample`; returns how many modules went back to ``Upsample2D``."""
-    count = 0
-    for m in module.modules():
-        if type(m) is SubpixelUpsample2D:
-            m.__class__ = Upsample2D
-            count += 1
-    return count
+    return swap_classes(module, lambda m: type(m) is SubpixelUpsample2D, Upsample2D)
