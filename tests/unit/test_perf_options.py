@@ -9,6 +9,8 @@ the inductor runs that compile real kernels on the CPU take minutes and are mark
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -326,13 +328,9 @@ def test_idle_vae_parts_are_offloaded_and_never_used_again(cross_runs, tmp_path,
 # DDP options (train.ddp_*): the accelerate kwargs they build, what is refused, what is ignored
 
 
-def _ddp_train(**options) -> distill.TrainConfig:
-    return distill.TrainConfig(**options)
-
-
 def _ddp_config(**options) -> distill.DistillConfig:
     """A config check_config passes, but for the options given."""
-    cfg = distill.DistillConfig(train=_ddp_train(**options))
+    cfg = distill.DistillConfig(train=distill.TrainConfig(**options))
     cfg.model.bridge_kind = "identity"
     return cfg
 
@@ -340,15 +338,15 @@ def _ddp_config(**options) -> distill.DistillConfig:
 def test_ddp_kwargs_are_torchs_defaults_unless_set():
     from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
-    kwargs = distill.ddp_kwargs(_ddp_train())
+    kwargs = distill.ddp_kwargs(distill.TrainConfig())
     assert isinstance(kwargs, DistributedDataParallelKwargs)
     assert kwargs.to_kwargs() == {} and kwargs.comm_hook == DDPCommunicationHookType.NO  # DDP built as before
-    tuned = distill.ddp_kwargs(_ddp_train(ddp_comm_hook="bf16", ddp_bucket_mb=100, ddp_static_graph=True,
+    tuned = distill.ddp_kwargs(distill.TrainConfig(ddp_comm_hook="bf16", ddp_bucket_mb=100, ddp_static_graph=True,
                                           ddp_grad_as_bucket_view=True))  # fmt: skip
     # what accelerate hands to torch.nn.parallel.DistributedDataParallel, and the hook it registers after wrapping
     assert tuned.to_kwargs() == {"bucket_cap_mb": 100, "static_graph": True, "gradient_as_bucket_view": True}
     assert tuned.comm_hook == DDPCommunicationHookType.BF16
-    assert distill.ddp_kwargs(_ddp_train(ddp_comm_hook="fp16")).comm_hook == DDPCommunicationHookType.FP16
+    assert distill.ddp_kwargs(distill.TrainConfig(ddp_comm_hook="fp16")).comm_hook == DDPCommunicationHookType.FP16
 
 
 @pytest.mark.parametrize(
@@ -409,7 +407,7 @@ def _accelerator(kind: str, processes: int = 2, handler=None):
 def test_ddp_options_are_ignored_with_one_info_line_without_ddp(caplog):
     import logging
 
-    cfg = distill.DistillConfig(train=_ddp_train(ddp_comm_hook="bf16", ddp_bucket_mb=50))
+    cfg = distill.DistillConfig(train=distill.TrainConfig(ddp_comm_hook="bf16", ddp_bucket_mb=50))
     for acc, sharded, kind in ((_accelerator("NO", 1), False, "on one process"),
                                (_accelerator("MULTI_GPU", 1), False, "on one process"),
                                (_accelerator("FSDP"), True, "FSDP2")):  # fmt: skip
@@ -426,7 +424,7 @@ def test_ddp_options_are_ignored_with_one_info_line_without_ddp(caplog):
 
 
 def test_ddp_run_refuses_an_accelerator_without_the_options_and_a_bf16_hook_torch_refuses(monkeypatch):
-    cfg = distill.DistillConfig(train=_ddp_train(ddp_comm_hook="bf16", ddp_static_graph=True))
+    cfg = distill.DistillConfig(train=distill.TrainConfig(ddp_comm_hook="bf16", ddp_static_graph=True))
     monkeypatch.setattr(distill, "bf16_comm_hook_supported", lambda: True)
     distill.check_ddp_accelerator(cfg, _accelerator("MULTI_GPU", handler=distill.ddp_kwargs(cfg.train)), sharded=False)
     distill.check_ddp_accelerator(cfg, _accelerator("MULTI_CPU", handler=distill.ddp_kwargs(cfg.train)), sharded=False)
@@ -445,7 +443,7 @@ def test_bf16_hook_support_follows_torchs_own_check():
 
     if torch.version.cuda is None and torch.version.hip is None:  # this CPU build: torch's check refuses it too
         assert not distill.bf16_comm_hook_supported()
-    source = __import__("inspect").getsource(DistributedDataParallel._check_comm_hook)
+    source = inspect.getsource(DistributedDataParallel._check_comm_hook)
     assert "bf16_compress_hook" in source and "(2, 10)" in source  # the check this mirrors is still torch's
 
 
@@ -462,7 +460,7 @@ def test_ddp_options_are_resume_safe_and_ignored_on_one_process(cross_runs, tmp_
     saved = to_dict(cfg)
     for key in distill.DDP_KEYS:
         del saved["train"][key]
-    (older / "config.json").write_text(__import__("json").dumps(saved))
+    (older / "config.json").write_text(json.dumps(saved))
     prepare_run_dir(older, tuned, resume_safe=distill.DISTILL_RESUME_SAFE)
 
     run = tmp_path / "run"
