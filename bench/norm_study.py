@@ -36,7 +36,7 @@ from common import (
 )
 from crossdistill.export.fast import SD15_SCALE, FastPathOptions
 from crossdistill.models.groupnorm import channel_stats_group_norm
-from infer_one_step import DecodePart, UNetPart, first_call_and_timing, profile_step, release, restore
+from infer_one_step import DecodePart, UNetPart, first_call_and_timing, profile_step, rel_err, release, restore
 
 REPORT = "norm_study"
 SHAPES = [(1, 512, 64, 64), (1, 512, 128, 128), (1, 512, 256, 256), (1, 256, 256, 256), (1, 256, 512, 512),
@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 embeds, noise = inputs[b]
                 out, row[str(b)] = first_call_and_timing(runner, embeds, noise * scale, device, 30)
                 if (part, b) in firsts:  # the part's first (stock) variant is the reference
-                    ref = firsts[(part, b)]
-                    row[str(b)]["rel_err_vs_first"] = float((out - ref).norm() / ref.norm())
+                    row[str(b)]["rel_err_vs_first"] = rel_err(out, firsts[(part, b)])
                 else:
                     firsts[(part, b)] = out
                 print(part, name, b, row[str(b)], flush=True)

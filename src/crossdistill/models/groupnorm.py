@@ -36,7 +36,8 @@ def channel_stats_group_norm(
         raise ValueError(f"channel_stats_group_norm needs [B, C, *spatial] with C divisible by groups, got {x.shape}")
     g = num_groups
     spatial = tuple(range(2, x.dim()))
-    var_c, mean_c = torch.var_mean(x.float(), dim=spatial, correction=0)  # [B, C] each
+    xf = x.float()
+    var_c, mean_c = torch.var_mean(xf, dim=spatial, correction=0)  # [B, C] each
     mean_c, var_c = mean_c.view(b, g, c // g), var_c.view(b, g, c // g)
     mean_g = mean_c.mean(-1, keepdim=True)  # [B, G, 1]
     var_g = (var_c + (mean_c - mean_g).square()).mean(-1, keepdim=True)
@@ -48,7 +49,7 @@ def channel_stats_group_norm(
     if bias is not None:
         shift = shift + bias.float()
     view = (b, c) + (1,) * len(spatial)
-    return (x.float() * scale.view(view) + shift.view(view)).to(x.dtype)
+    return (xf * scale.view(view) + shift.view(view)).to(x.dtype)
 
 
 class ChannelStatsGroupNorm(nn.GroupNorm):
