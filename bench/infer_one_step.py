@@ -98,6 +98,10 @@ EXTRA_VARIANTS: list[tuple[str, dict, float]] = [
      DEFAULT | dict(compile="max-autotune-no-cudagraphs"), 700),
     ("default + conv_1x1_as_mm", DEFAULT | dict(inductor_config={"conv_1x1_as_mm": True}), 150),
     ("default + freezing", DEFAULT | dict(inductor_config={"freezing": True}), 150),
+    # Triton GEMM templates autotuned against cuBLAS, with their epilogues fused (no coordinate descent); then the
+    # same for the convolutions too.
+    ("default + max_autotune_gemm", DEFAULT | dict(inductor_config={"max_autotune_gemm": True}), 400),
+    ("default + max_autotune", DEFAULT | dict(inductor_config={"max_autotune": True}), 600),
 ]  # fmt: skip
 SPLIT_COST_S = 140  # two more compiled + captured graphs (UNet part, decode part) per batch size
 PROFILE_COST_S = 15

@@ -59,6 +59,7 @@ from common import (
     write_report,
 )
 from crossdistill.bridge.model import Projector, decoder_features, prior_geometry
+from crossdistill.models.groupnorm import enable_channel_stats_group_norm
 from crossdistill.models.subpixel import enable_subpixel_upsample
 from crossdistill.train.distill import LORA_TARGETS
 from crossdistill.train.perf import compile_blocks, make_adamw, to_channels_last
@@ -203,6 +204,7 @@ class StepOptions:
     channels_last: bool = False  # NHWC weights for UNets, decoder and projector (perf.to_channels_last)
     subpixel: bool = False  # UNet / decoder upsample convs in sub-pixel form (models.subpixel)
     prior_up_blocks: int | None = None  # the Bridge prior: full decode (None) or the decoder's first k up-blocks
+    channel_stats_norm: bool = False  # GroupNorm statistics per channel, then per group (models.groupnorm)
     lora_rank: int = 64
 
     @property
@@ -215,6 +217,8 @@ class StepOptions:
             opts.append("channels_last")
         if self.subpixel:
             opts.append("subpixel_upsample")
+        if self.channel_stats_norm:
+            opts.append("channel_stats_norm")
         if self.prior_up_blocks is not None:
             opts.append(f"Bridge prior = {self.prior_up_blocks} decoder up-blocks")
         return f"DMD2 step {what}, b{self.batch}, {', '.join(opts)}"
@@ -262,13 +266,16 @@ class DMD2Step:
             self.fake = self.real
         else:
             self.fake = copy.deepcopy(self.real).requires_grad_(True)
-        # The convolutional modules: the trainer's train.channels_last / train.subpixel_upsample touch the same ones.
+        # The convolutional modules: the trainer's train.channels_last / subpixel_upsample / channel_stats_norm touch
+        # the same ones.
         conv = [self.gen] + ([self.vae.decoder, self.proj] if self.cross else [self.real, self.fake])
         for m in conv:
             if opts.channels_last:
                 to_channels_last(m)
             if opts.subpixel:
                 enable_subpixel_upsample(m)
+            if opts.channel_stats_norm:
+                enable_channel_stats_group_norm(m)
         if opts.compile:
             modules = [self.gen, self.real] + ([] if self.fake is self.real else [self.fake])
             modules += [self.vae.decoder, self.proj] if self.cross else []
@@ -519,6 +526,11 @@ VARIANTS: dict[str, tuple[StepOptions, float]] = {
     "compiled_b4_prior2": (StepOptions(batch=4, compile=True, fused_adamw=True, prior_up_blocks=2), 150),
     "compiled_b4_sp_cl": (
         StepOptions(batch=4, compile=True, fused_adamw=True, subpixel=True, channels_last=True), 150),
+    "compiled_b4_csn": (StepOptions(batch=4, compile=True, fused_adamw=True, channel_stats_norm=True), 150),
+    "compiled_b4_cl_csn": (
+        StepOptions(batch=4, compile=True, fused_adamw=True, channels_last=True, channel_stats_norm=True), 150),
+    "compiled_b4_cl_csn_sp": (StepOptions(batch=4, compile=True, fused_adamw=True, channels_last=True,
+                                          channel_stats_norm=True, subpixel=True), 150),
 }
 DEFAULT_VARIANTS = ["eager", "fused", "same_eager", "compiled", "same_compiled", "compiled_b4_lora"]
 

@@ -178,11 +178,11 @@ def test_defaults_and_cli_show_the_options(capsys):
 
     t = distill.TrainConfig()
     assert (t.compile, t.fused_optimizer, t.channels_last, t.offload_text_encoders) == (False, True, False, True)
-    assert t.subpixel_upsample is False and t.offload_idle_vaes is True
+    assert t.subpixel_upsample is False and t.channel_stats_norm is False and t.offload_idle_vaes is True
     assert main(["distill", "--preset", "emoji_shared", "--print-config"]) == 0
     out = capsys.readouterr().out
     for key in ("compile", "fused_optimizer", "channels_last", "offload_text_encoders", "offload_idle_vaes",
-                "subpixel_upsample", *distill.DDP_KEYS):  # fmt: skip
+                "subpixel_upsample", "channel_stats_norm", *distill.DDP_KEYS):  # fmt: skip
         assert f'"{key}"' in out
     assert (t.ddp_comm_hook, t.ddp_bucket_mb) == ("none", 25)  # torch's bucket size
     assert t.ddp_static_graph is False and t.ddp_grad_as_bucket_view is False
@@ -268,6 +268,23 @@ def test_subpixel_upsample_switches_the_upsamplers_not_the_losses_or_the_checkpo
     # The checkpoint resumes a run with the option off (same parameters, same keys) on the eager trajectory.
     resumed = DistillTrainer(_cfg(cfg, subpixel_upsample=False), run)
     assert not any(type(m) is SubpixelUpsample2D for m in resumed.generator_denoiser.backbone.modules())
+    assert resumed.train() == 4
+    _assert_losses_close(_losses(run), _losses(folder / "eager"), rtol=1e-4, atol=1e-6)
+
+
+def test_channel_stats_norm_switches_the_group_norms_not_the_losses_or_the_checkpoint(cross_runs, tmp_path):
+    from crossdistill.models.groupnorm import ChannelStatsGroupNorm
+
+    folder, cfg = cross_runs
+    run = tmp_path / "run"
+    trainer = DistillTrainer(_cfg(cfg, channel_stats_norm=True, channels_last=True, max_steps=2), run)
+    for module in (trainer.generator_denoiser.backbone, trainer.student.codec.vae.decoder):
+        norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+        assert norms and all(type(m) is ChannelStatsGroupNorm for m in norms)
+    assert trainer.train() == 2
+    # The checkpoint resumes a run with the option off (same parameters, same keys) on the eager trajectory.
+    resumed = DistillTrainer(_cfg(cfg, channel_stats_norm=False), run)
+    assert not any(type(m) is ChannelStatsGroupNorm for m in resumed.student.codec.vae.decoder.modules())
     assert resumed.train() == 4
     _assert_losses_close(_losses(run), _losses(folder / "eager"), rtol=1e-4, atol=1e-6)
 
