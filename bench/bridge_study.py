@@ -31,6 +31,7 @@ import torch
 
 from common import Clock, env_markdown, environment, fmt, sync, write_report
 from crossdistill.models.groupnorm import enable_channel_stats_group_norm
+from crossdistill.models.wide_attention import enable_wide_head_matmul_attention
 from crossdistill.train.perf import compile_blocks, to_channels_last
 from infer_one_step import kernel_kind, rel_err
 from train_step import SD15_SCALE, Setup
@@ -43,11 +44,13 @@ class Variant:
     compile: str  # "regional" | "whole" | "none"
     channels_last: bool = False
     channel_stats_norm: bool = False
+    wide_head_attention: bool = False  # the decoder's 512-wide mid-block head as matmuls (models.wide_attention)
 
     @property
     def name(self) -> str:
         opts = [f"{self.compile} compile", "channels_last" if self.channels_last else "NCHW"]
-        return ", ".join(opts + (["channel_stats_norm"] if self.channel_stats_norm else []))
+        opts += ["channel_stats_norm"] if self.channel_stats_norm else []
+        return ", ".join(opts + (["wide_head_attention"] if self.wide_head_attention else []))
 
 
 VARIANTS = {
@@ -56,6 +59,11 @@ VARIANTS = {
     "regional_cl_csn": Variant(compile="regional", channels_last=True, channel_stats_norm=True),
     "whole": Variant(compile="whole"),
     "whole_csn": Variant(compile="whole", channel_stats_norm=True),
+    "regional_cl_csn_wide": Variant(compile="regional", channels_last=True, channel_stats_norm=True,
+                                    wide_head_attention=True),
+    "whole_cl_csn_wide": Variant(compile="whole", channels_last=True, channel_stats_norm=True,
+                                 wide_head_attention=True),
+    "regional_wide": Variant(compile="regional", wide_head_attention=True),
 }
 
 
@@ -69,6 +77,8 @@ class BridgePart:
                 to_channels_last(m)
             if v.channel_stats_norm:
                 enable_channel_stats_group_norm(m)
+            if v.wide_head_attention:
+                enable_wide_head_matmul_attention(m)
             if v.compile == "regional":
                 compile_blocks(m)
             elif v.compile == "whole":

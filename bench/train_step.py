@@ -61,6 +61,7 @@ from common import (
 from crossdistill.bridge.model import Projector, decoder_features, prior_geometry
 from crossdistill.models.groupnorm import enable_channel_stats_group_norm
 from crossdistill.models.subpixel import enable_subpixel_upsample
+from crossdistill.models.wide_attention import enable_wide_head_matmul_attention
 from crossdistill.train.distill import LORA_TARGETS
 from crossdistill.train.perf import compile_blocks, make_adamw, to_channels_last
 
@@ -205,6 +206,7 @@ class StepOptions:
     subpixel: bool = False  # UNet / decoder upsample convs in sub-pixel form (models.subpixel)
     prior_up_blocks: int | None = None  # the Bridge prior: full decode (None) or the decoder's first k up-blocks
     channel_stats_norm: bool = False  # GroupNorm statistics per channel, then per group (models.groupnorm)
+    wide_head_attention: bool = False  # the decoder's 512-wide attention head as matmuls (models.wide_attention)
     lora_rank: int = 64
 
     @property
@@ -219,6 +221,8 @@ class StepOptions:
             opts.append("subpixel_upsample")
         if self.channel_stats_norm:
             opts.append("channel_stats_norm")
+        if self.wide_head_attention:
+            opts.append("wide_head_attention")
         if self.prior_up_blocks is not None:
             opts.append(f"Bridge prior = {self.prior_up_blocks} decoder up-blocks")
         return f"DMD2 step {what}, b{self.batch}, {', '.join(opts)}"
@@ -266,8 +270,8 @@ class DMD2Step:
             self.fake = self.real
         else:
             self.fake = copy.deepcopy(self.real).requires_grad_(True)
-        # The convolutional modules: the trainer's train.channels_last / subpixel_upsample / channel_stats_norm touch
-        # the same ones.
+        # The convolutional modules: the trainer's train.channels_last / subpixel_upsample / channel_stats_norm /
+        # wide_head_attention touch the same ones.
         conv = [self.gen] + ([self.vae.decoder, self.proj] if self.cross else [self.real, self.fake])
         for m in conv:
             if opts.channels_last:
@@ -276,6 +280,8 @@ class DMD2Step:
                 enable_subpixel_upsample(m)
             if opts.channel_stats_norm:
                 enable_channel_stats_group_norm(m)
+            if opts.wide_head_attention:
+                enable_wide_head_matmul_attention(m)
         if opts.compile:
             modules = [self.gen, self.real] + ([] if self.fake is self.real else [self.fake])
             modules += [self.vae.decoder, self.proj] if self.cross else []
@@ -529,6 +535,8 @@ VARIANTS: dict[str, tuple[StepOptions, float]] = {
     "compiled_b4_csn": (StepOptions(batch=4, compile=True, fused_adamw=True, channel_stats_norm=True), 150),
     "compiled_b4_cl_csn": (
         StepOptions(batch=4, compile=True, fused_adamw=True, channels_last=True, channel_stats_norm=True), 150),
+    "compiled_b4_cl_csn_wide": (StepOptions(batch=4, compile=True, fused_adamw=True, channels_last=True,
+                                            channel_stats_norm=True, wide_head_attention=True), 150),
     "compiled_b4_cl_csn_sp": (StepOptions(batch=4, compile=True, fused_adamw=True, channels_last=True,
                                           channel_stats_norm=True, subpixel=True), 150),
 }

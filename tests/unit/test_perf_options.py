@@ -179,10 +179,11 @@ def test_defaults_and_cli_show_the_options(capsys):
     t = distill.TrainConfig()
     assert (t.compile, t.fused_optimizer, t.channels_last, t.offload_text_encoders) == (False, True, False, True)
     assert t.subpixel_upsample is False and t.channel_stats_norm is False and t.offload_idle_vaes is True
+    assert t.wide_head_attention is False
     assert main(["distill", "--preset", "emoji_shared", "--print-config"]) == 0
     out = capsys.readouterr().out
     for key in ("compile", "fused_optimizer", "channels_last", "offload_text_encoders", "offload_idle_vaes",
-                "subpixel_upsample", "channel_stats_norm", *distill.DDP_KEYS):  # fmt: skip
+                "subpixel_upsample", "channel_stats_norm", "wide_head_attention", *distill.DDP_KEYS):  # fmt: skip
         assert f'"{key}"' in out
     assert (t.ddp_comm_hook, t.ddp_bucket_mb) == ("none", 25)  # torch's bucket size
     assert t.ddp_static_graph is False and t.ddp_grad_as_bucket_view is False
@@ -287,6 +288,21 @@ def test_channel_stats_norm_switches_the_group_norms_not_the_losses_or_the_check
     assert not any(type(m) is ChannelStatsGroupNorm for m in resumed.student.codec.vae.decoder.modules())
     assert resumed.train() == 4
     _assert_losses_close(_losses(run), _losses(folder / "eager"), rtol=1e-4, atol=1e-6)
+
+
+def test_wide_head_attention_switches_the_decoder_attention_not_the_losses(cross_runs, tmp_path, monkeypatch):
+    from diffusers.models.attention_processor import Attention
+
+    from crossdistill.models import wide_attention
+
+    folder, cfg = cross_runs
+    # The tiny decoder's mid-block head is 16 wide, not the real one's 512: lower the bar so it counts as wide.
+    monkeypatch.setattr(wide_attention, "WIDEST_FUSED_HEAD", 8)
+    trainer = DistillTrainer(_cfg(cfg, wide_head_attention=True, max_steps=2), tmp_path / "run")
+    kinds = [type(m.processor) for m in trainer.student.codec.vae.decoder.modules() if isinstance(m, Attention)]
+    assert kinds and all(k is wide_attention.WideHeadMatmulAttnProcessor for k in kinds)
+    assert trainer.train() == 2
+    _assert_losses_close(_losses(tmp_path / "run"), _losses(folder / "eager")[:2], rtol=1e-4, atol=1e-6)
 
 
 def test_to_channels_last_keeps_values():

@@ -46,6 +46,7 @@ from crossdistill.models.groupnorm import enable_channel_stats_group_norm
 from crossdistill.models.registry import get_family
 from crossdistill.models.registry import load_space as load_space_folder
 from crossdistill.models.subpixel import enable_subpixel_upsample
+from crossdistill.models.wide_attention import enable_wide_head_matmul_attention
 from crossdistill.train.guard import NonFiniteGuard
 from crossdistill.train.perf import compile_blocks, is_convolutional, make_adamw, to_channels_last
 from crossdistill.train.runner import train_loop
@@ -75,6 +76,7 @@ SPEED_KEYS = (
     "train.offload_idle_vaes",
     "train.subpixel_upsample",
     "train.channel_stats_norm",
+    "train.wide_head_attention",
     "train.ddp_comm_hook",  # rounds the all-reduced gradients to bf16 / fp16: a rounding, like mixed precision
     "train.ddp_bucket_mb",
     "train.ddp_static_graph",
@@ -131,6 +133,7 @@ class TrainConfig:
     offload_idle_vaes: bool = True  # once the reals are encoded: Teacher VAE and Student VAE encoder to CPU
     subpixel_upsample: bool = False  # UNet / VAE "nearest x2 + 3x3 conv" in exact sub-pixel form (models/subpixel.py)
     channel_stats_norm: bool = False  # GroupNorm statistics per channel, then per group (models/groupnorm.py)
+    wide_head_attention: bool = False  # attention heads wider than 256 (the VAE's) as matmuls (models/wide_attention)
     # DDP only (ignored on one process and under FSDP), passed to torch's DistributedDataParallel through accelerate:
     ddp_comm_hook: Literal["none", "fp16", "bf16"] = "none"  # all-reduce gradients in this dtype (bf16: CUDA + NCCL)
     ddp_bucket_mb: int = 25  # gradient bucket size in MiB (bucket_cap_mb; torch's default 25)
@@ -523,6 +526,9 @@ class DistillTrainer:
         if t.channel_stats_norm:  # a class swap like subpixel_upsample: the EMA copy keeps it, the keys do not change
             switched = {role: enable_channel_stats_group_norm(m) for role, m in step_modules.items()}
             logger.info("channel_stats_norm: %s", ", ".join(f"{r} ({n})" for r, n in switched.items() if n) or "none")
+        if t.wide_head_attention:  # a processor swap: the Bridge decoder's 512-wide head; UNet / MMDiT heads stay
+            switched = {role: enable_wide_head_matmul_attention(m) for role, m in step_modules.items()}
+            logger.info("wide_head_attention: %s", ", ".join(f"{r} ({n})" for r, n in switched.items() if n) or "none")
         self.gan_head = self._build_gan_head(fake) if t.gan_weight > 0 else None
         self.ema = copy.deepcopy(generator).requires_grad_(False) if t.ema_decay > 0 else None
         if t.compile:  # after LoRA (peft wraps Linears first) and the EMA copy; before prepare (DDP wraps outside)
