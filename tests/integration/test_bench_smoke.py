@@ -51,6 +51,17 @@ def test_norm_study_tiny(tmp_path):
     assert "| decode | stock |" in (tmp_path / "norm_study.md").read_text()
 
 
+def test_bridge_study_tiny(tmp_path):
+    run_bench("bridge_study.py", "--variants", "regional", "regional_cl_csn_wide", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "bridge_study.json").read_text())
+    first, second = report["results"]
+    assert "error" not in first and "error" not in second
+    assert first["fwd_ms"] > 0 and first["bwd_ms"] > 0 and first["rel_err_grad"] == 0.0
+    # channels_last + per-channel GroupNorm statistics: the same Bridge, output and input gradient (float32 on CPU)
+    assert second["rel_err_out"] < 1e-4 and second["rel_err_grad"] < 1e-4
+    assert "| regional compile, NCHW |" in (tmp_path / "bridge_study.md").read_text()
+
+
 def test_train_step_tiny(tmp_path):
     run_bench("train_step.py", "--parts", "step", "--variants", "eager", "fused", "same_eager", "--out", str(tmp_path))
     report = json.loads((tmp_path / "train_step.json").read_text())
