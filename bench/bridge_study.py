@@ -30,11 +30,9 @@ from pathlib import Path
 import torch
 
 from common import Clock, env_markdown, environment, fmt, sync, write_report
-from crossdistill.models.groupnorm import enable_channel_stats_group_norm
-from crossdistill.models.wide_attention import enable_wide_head_matmul_attention
-from crossdistill.train.perf import compile_blocks, to_channels_last
+from crossdistill.train.perf import compile_blocks
 from infer_one_step import kernel_kind, rel_err
-from train_step import SD15_SCALE, Setup
+from train_step import SD15_SCALE, Setup, switch_options
 
 REPORT = "bridge_study"
 
@@ -73,12 +71,8 @@ class BridgePart:
     def __init__(self, setup: Setup, base: tuple, v: Variant, batch: int) -> None:
         self.vae, self.proj = copy.deepcopy(base)  # the same weights in every variant
         for m in (self.vae.decoder, self.proj):
-            if v.channels_last:
-                to_channels_last(m)
-            if v.channel_stats_norm:
-                enable_channel_stats_group_norm(m)
-            if v.wide_head_attention:
-                enable_wide_head_matmul_attention(m)
+            switch_options(m, channels_last=v.channels_last, subpixel=False, channel_stats_norm=v.channel_stats_norm,
+                           wide_head_attention=v.wide_head_attention)
             if v.compile == "regional":
                 compile_blocks(m)
             elif v.compile == "whole":

@@ -120,6 +120,21 @@ class Setup:
         return self.randn(b, 4, s, s), self.randn(b, self.text_len, self.student_text_dim)
 
 
+def switch_options(
+    m: nn.Module, *, channels_last: bool, subpixel: bool, channel_stats_norm: bool, wide_head_attention: bool
+) -> None:
+    """The trainer's layout / module-swap speed options (train.channels_last, subpixel_upsample, channel_stats_norm,
+    wide_head_attention) on one module, in place."""
+    if channels_last:
+        to_channels_last(m)
+    if subpixel:
+        enable_subpixel_upsample(m)
+    if channel_stats_norm:
+        enable_channel_stats_group_norm(m)
+    if wide_head_attention:
+        enable_wide_head_matmul_attention(m)
+
+
 def sd3_call(model: nn.Module, x: Tensor, sigma: Tensor, cond: dict) -> Tensor:
     """SD3 velocity prediction; diffusers' SD3 takes the timestep as sigma × 1000."""
     return model(hidden_states=x, timestep=sigma * 1000, return_dict=False, **cond)[0]
@@ -274,14 +289,8 @@ class DMD2Step:
         # wide_head_attention touch the same ones.
         conv = [self.gen] + ([self.vae.decoder, self.proj] if self.cross else [self.real, self.fake])
         for m in conv:
-            if opts.channels_last:
-                to_channels_last(m)
-            if opts.subpixel:
-                enable_subpixel_upsample(m)
-            if opts.channel_stats_norm:
-                enable_channel_stats_group_norm(m)
-            if opts.wide_head_attention:
-                enable_wide_head_matmul_attention(m)
+            switch_options(m, channels_last=opts.channels_last, subpixel=opts.subpixel,
+                           channel_stats_norm=opts.channel_stats_norm, wide_head_attention=opts.wide_head_attention)
         if opts.compile:
             modules = [self.gen, self.real] + ([] if self.fake is self.real else [self.fake])
             modules += [self.vae.decoder, self.proj] if self.cross else []
