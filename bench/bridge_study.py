@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             row |= part.timed(iters)
             reference = reference or (out.float(), grad.float())
             row["rel_err_out"], row["rel_err_grad"] = rel_err(out, reference[0]), rel_err(grad, reference[1])
+            row["grad_norm"] = float(grad.float().norm())
+            if row["grad_norm"] == 0.0:  # seen on CPU: whole-graph inductor through the decoder (docs/performance.md)
+                print(f"WARNING {v.name}: zero input gradient", flush=True)
             if device.type == "cuda":
                 row["profile"] = part.profile(3)
             print(f"{v.name}: fwd {row['fwd_ms']:.1f} ms, bwd {row['bwd_ms']:.1f} ms", flush=True)
@@ -205,7 +208,8 @@ def to_markdown(report: dict) -> str:
         kinds = ", ".join(f"{k} {fmt(ms)}" for k, ms in prof.get("kinds_ms", {}).items())
         lines.append(
             f"| {r['name']} | {fmt(r['fwd_ms'])} | {fmt(r['bwd_ms'])} | {fmt(r['ms'])} | "
-            f"{fmt(r['first_call_s'], '.0f')} | {r['rel_err_out']:.1e} / {r['rel_err_grad']:.1e} | "
+            f"{fmt(r['first_call_s'], '.0f')} | {r['rel_err_out']:.1e} / {r['rel_err_grad']:.1e}"
+            f"{' (zero gradient!)' if r.get('grad_norm') == 0.0 else ''} | "
             f"{fmt(prof.get('busy_ms_per_call'))} | {kinds} |"
         )
     return "\n".join(lines) + "\n"
