@@ -305,6 +305,24 @@ def test_wide_head_attention_switches_the_decoder_attention_not_the_losses(cross
     _assert_losses_close(_losses(tmp_path / "run"), _losses(folder / "eager")[:2], rtol=1e-4, atol=1e-6)
 
 
+def test_compile_blocks_keeps_each_upsampler_out_of_the_residual_blocks_graphs():
+    """Inductor (torch 2.13 CPU) zeroes the input gradient of conv → GroupNorm → conv → ×1.0 → nearest upsample → conv
+    compiled as one graph (docs/performance.md, the Bridge study): a ResnetBlock2D followed by an Upsample2D. Regional
+    compile is right because no compiled block holds both; a block class that did (UpDecoderBlock2D, the decoder)
+    would train the generator through the Bridge with a zero gradient."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+
+    decoder = SD15Space.tiny(seed=0).codec.vae.decoder
+    compiled: list[nn.Module] = []
+    for m in decoder.modules():
+        m.compile = lambda m=m, **kw: compiled.append(m)  # record what compile_blocks would compile
+    assert compile_blocks(decoder) == len(compiled) > 0
+    for m in compiled:
+        kinds = {type(x) for x in m.modules()}
+        assert not (ResnetBlock2D in kinds and Upsample2D in kinds), type(m).__name__
+
+
 def test_to_channels_last_keeps_values():
     vae_decoder = SD15Space.tiny(seed=0).codec.vae.decoder
     before = {n: p.detach().clone() for n, p in vae_decoder.named_parameters()}
