@@ -42,13 +42,10 @@ from crossdistill.losses.dm import (
     gan_generator_loss,
 )
 from crossdistill.models.base import Denoiser, PromptEmbeds, Space
-from crossdistill.models.groupnorm import enable_channel_stats_group_norm
 from crossdistill.models.registry import get_family
 from crossdistill.models.registry import load_space as load_space_folder
-from crossdistill.models.subpixel import enable_subpixel_upsample
-from crossdistill.models.wide_attention import enable_wide_head_matmul_attention
 from crossdistill.train.guard import NonFiniteGuard
-from crossdistill.train.perf import compile_blocks, is_convolutional, make_adamw, to_channels_last
+from crossdistill.train.perf import MODULE_SWAPS, compile_blocks, is_convolutional, make_adamw, to_channels_last
 from crossdistill.train.runner import train_loop
 from crossdistill.train.seeding import derive_seed, seed_everything, step_generator
 from crossdistill.train.sharded import (
@@ -520,15 +517,10 @@ class DistillTrainer:
             for m in conv.values():
                 to_channels_last(m)
             logger.info("channels_last: %s", ", ".join(conv) or "no convolutional module in the step")
-        if t.subpixel_upsample:  # before the EMA copy too: the copy keeps the class
-            switched = {role: enable_subpixel_upsample(m) for role, m in step_modules.items()}
-            logger.info("subpixel_upsample: %s", ", ".join(f"{r} ({n})" for r, n in switched.items() if n) or "none")
-        if t.channel_stats_norm:  # a class swap like subpixel_upsample: the EMA copy keeps it, the keys do not change
-            switched = {role: enable_channel_stats_group_norm(m) for role, m in step_modules.items()}
-            logger.info("channel_stats_norm: %s", ", ".join(f"{r} ({n})" for r, n in switched.items() if n) or "none")
-        if t.wide_head_attention:  # a processor swap: the Bridge decoder's 512-wide head; UNet / MMDiT heads stay
-            switched = {role: enable_wide_head_matmul_attention(m) for role, m in step_modules.items()}
-            logger.info("wide_head_attention: %s", ", ".join(f"{r} ({n})" for r, n in switched.items() if n) or "none")
+        for key, switch in MODULE_SWAPS.items():  # before the EMA copy too: the copy keeps the classes / processors
+            if getattr(t, key):
+                switched = {role: switch(m) for role, m in step_modules.items()}
+                logger.info("%s: %s", key, ", ".join(f"{r} ({n})" for r, n in switched.items() if n) or "none")
         self.gan_head = self._build_gan_head(fake) if t.gan_weight > 0 else None
         self.ema = copy.deepcopy(generator).requires_grad_(False) if t.ema_decay > 0 else None
         if t.compile:  # after LoRA (peft wraps Linears first) and the EMA copy; before prepare (DDP wraps outside)

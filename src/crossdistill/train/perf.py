@@ -9,6 +9,8 @@
 - :func:`make_adamw`: AdamW with the fused (single-kernel) update where the parameters allow it.
 - :func:`to_channels_last`: NHWC weights for convolution-heavy modules (UNet, VAE decoder, projector);
   :func:`is_convolutional` tells them from transformers.
+- :data:`MODULE_SWAPS`: the options that switch modules in place to an equal, faster form (class or processor swaps
+  that keep weights and state-dict keys), by their ``train.*`` name.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from crossdistill.models.groupnorm import enable_channel_stats_group_norm
+from crossdistill.models.subpixel import enable_subpixel_upsample
+from crossdistill.models.wide_attention import enable_wide_head_matmul_attention
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,12 @@ BLOCK_CLASSES = frozenset(
         "UNetMidBlock2D",  # VAE mid block (residual blocks + attention)
     }
 )
+# train.<name> -> the in-place switch it applies to each step module (returns how many submodules it switched).
+MODULE_SWAPS = {
+    "subpixel_upsample": enable_subpixel_upsample,  # "nearest x2 + 3x3 conv" in sub-pixel form (models/subpixel.py)
+    "channel_stats_norm": enable_channel_stats_group_norm,  # GroupNorm statistics per channel (models/groupnorm.py)
+    "wide_head_attention": enable_wide_head_matmul_attention,  # heads wider than 256 as matmuls (wide_attention.py)
+}
 # Dynamo compiles once per (block class, input shape); a UNet has ~12 residual-block shapes, a VAE decoder ~8.
 _RECOMPILE_LIMIT = 64
 
