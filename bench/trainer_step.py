@@ -277,13 +277,14 @@ def to_markdown(report: dict) -> str:
         if "error" in r:
             lines.append(head + f"| {r['error'].splitlines()[0][:150]} | | | | | | | |")
             continue
+        # every rank's peak inside the peak cell (a cell after the last column would break the table)
+        ranks = f" (ranks: {', '.join(fmt(p) for p in r['peak_gb_per_rank'])})" if "peak_gb_per_rank" in r else ""
         lines.append(
             head + f"| {r['generator_update']['ms']:.0f} | {r['critic_update']['ms']:.0f} "
             f"| {fmt(r.get('mfu_one_plus_one'), '.0%')} "
             f"| {r['cycle_ms']:.0f} (1+{r['critic_steps_per_generator_step']}) | {fmt(r.get('mfu_cycle'), '.0%')} "
             f"| {r['samples_per_s_generator']:.2f} "
-            f"| {fmt(r['peak_gb'])} | {r['first_updates_s']:.0f} |"
-            + (f" per rank: {', '.join(fmt(p) for p in r['peak_gb_per_rank'])}" if "peak_gb_per_rank" in r else "")
+            f"| {fmt(r['peak_gb'])}{ranks} | {r['first_updates_s']:.0f} |"
         )
     for r in report["rows"]:
         if "flops_error" in r:

@@ -113,7 +113,11 @@ def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
     assert report["set"] == row["set"] == ["train.ddp_comm_hook=fp16", "train.ddp_static_graph=true"]
     assert "--set train.ddp_comm_hook=fp16" in report["command"]
     assert row["train"]["ddp_comm_hook"] == "fp16" and row["train"]["ddp_static_graph"] is True
-    assert "train.ddp_comm_hook=fp16" in (tmp_path / "trainer_step.md").read_text()
+    md = (tmp_path / "trainer_step.md").read_text()
+    assert "train.ddp_comm_hook=fp16" in md
+    header, _, line = [x for x in md.splitlines() if x.startswith("|")][:3]
+    assert line.count("|") == header.count("|") and line.endswith("|"), "per-rank peaks must stay inside the cells"
+    assert "(ranks: " in line
     assert len(row["peak_gb_per_rank"]) == 2 and "generator_tflop" not in row
     assert row["samples_per_s_generator"] == pytest.approx(2 * 4 / (row["cycle_ms"] * 1e-3))
 
