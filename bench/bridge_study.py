@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from common import Clock, env_markdown, environment, fmt, sync, write_report
+from common import Clock, env_markdown, environment, fmt, kernel_kind, sync, write_report
 from crossdistill.train.perf import compile_blocks
-from infer_one_step import kernel_kind, rel_err
+from infer_one_step import rel_err
 from train_step import SD15_SCALE, Setup, switch_options
 
 REPORT = "bridge_study"

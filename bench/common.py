@@ -149,6 +149,106 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "iters": iters}
 
 
+KERNEL_KINDS = (  # first match wins (lower-case substrings of the kernel name)
+    ("NCCL (communication)", ("nccl",)),  # e.g. "ncclDevKernel_AllReduce_Sum_f32_RING_LL"
+    # Triton before the library kinds: inductor names a fused kernel after its source ops, e.g.
+    # "triton_per_fused_..._convolution_..." for a conv's bias/norm epilogue, which must not count as a cuDNN conv.
+    ("Triton template (max-autotune)", ("triton_tem_",)),
+    ("Triton fused (norm/elementwise)", ("triton_",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("conv (cuDNN)", ("fprop", "conv", "implicit", "dgrad", "wgrad", "xmma_", "cudnn")),
+    ("GEMM (cuBLAS)", ("gemm", "nvjet", "cutlass", "cublas", "sm90_", "sm80_", "ampere_")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill")),
+)
+COMM = KERNEL_KINDS[0][0]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def merge_intervals(spans) -> list[tuple[float, float]]:
+    """The union of ``(start, end)`` spans as sorted, disjoint spans."""
+    merged: list[list[float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def covered(spans) -> float:
+    """Total length of the union of ``spans``."""
+    return sum(b - a for a, b in merge_intervals(spans))
+
+
+def overlap(x, y) -> float:
+    """Length of (union of ``x``) ∩ (union of ``y``)."""
+    x, y, i, j, total = merge_intervals(x), merge_intervals(y), 0, 0, 0.0
+    while i < len(x) and j < len(y):
+        total += max(0.0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def timeline_summary(kernels: list[tuple[str, float, float]], calls: int = 1, top: int = 12) -> dict:
+    """What the GPU did over ``calls`` calls of one update, from its kernels ``(name, start_us, end_us)`` on every
+    stream: wall (first kernel start to last end), busy (any kernel running), idle, time by kernel kind, and the
+    communication (NCCL) time with the part of it that no other kernel overlaps ("exposed": the update waits on the
+    link there; "compute" counts every kernel that is not NCCL, copies included). Per call, in ms."""
+    if not kernels:
+        return {"kernels": 0}
+    per = 1e3 * calls
+    comm = [(a, b) for n, a, b in kernels if kernel_kind(n) == COMM]
+    compute = [(a, b) for n, a, b in kernels if kernel_kind(n) != COMM]
+    wall = max(b for _, _, b in kernels) - min(a for _, a, _ in kernels)
+    busy = covered((a, b) for _, a, b in kernels)
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
+    for n, a, b in kernels:
+        by_kind[kernel_kind(n)] = by_kind.get(kernel_kind(n), 0.0) + (b - a) / per
+        entry = by_name.setdefault(n, [0.0, 0])
+        entry[0], entry[1] = entry[0] + (b - a), entry[1] + 1
+    return {
+        "kernels": len(kernels) / calls,
+        "wall_ms": wall / per,
+        "busy_ms": busy / per,
+        "idle_ms": (wall - busy) / per,
+        "compute_ms": covered(compute) / per,
+        "comm_ms": covered(comm) / per,
+        "comm_exposed_ms": (covered(comm) - overlap(comm, compute)) / per,
+        "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top": [
+            {"name": n[:200], "kind": kernel_kind(n), "ms": us / per, "per_call": c / calls}
+            for n, (us, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+        ],
+    }
+
+
+def profile_kernels(fn: Callable[[], object], device: torch.device, calls: int = 1) -> dict:
+    """Run ``fn`` ``calls`` times under torch.profiler and summarise its device kernels (:func:`timeline_summary`).
+    Without a GPU there are no kernels: the summary says so (the code path still runs)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    kernels = [
+        (e.name, float(e.time_range.start), float(e.time_range.end))
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    ]
+    return timeline_summary(kernels, calls) | {"calls": calls}
+
+
 def count_flops(fn: Callable[[], object]) -> float:
     """Model FLOPs of one call (matmuls, convs, attention) counted by torch's FlopCounterMode."""
     counter = FlopCounterMode(display=False)

@@ -39,6 +39,7 @@ from common import (
     count_flops,
     env_markdown,
     environment,
+    kernel_kind,
     matmul_tflops,
     sd15_unet_config,
     sd15_vae_config,
@@ -168,23 +169,6 @@ def first_call_and_timing(runner, embeds, noise, device: torch.device, iters: in
     first_s = time.monotonic() - t0
     timing = time_ms(lambda: runner(embeds, noise), device, warmup=3, iters=iters)
     return out, timing | {"first_call_s": first_s, "finite": bool(torch.isfinite(out).all())}
-
-
-KERNEL_KINDS = (  # first match wins (lower-case substrings of the kernel name)
-    # Triton first: inductor names a fused kernel after its source ops, e.g. "triton_per_fused_..._convolution_..."
-    # for a conv's bias/norm epilogue, which must not count as a cuDNN convolution.
-    ("Triton template (max-autotune)", ("triton_tem_",)),
-    ("Triton fused (norm/elementwise)", ("triton_",)),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
-    ("conv (cuDNN)", ("fprop", "conv", "implicit", "dgrad", "wgrad", "xmma_", "cudnn")),
-    ("GEMM (cuBLAS)", ("gemm", "nvjet", "cutlass", "cublas", "sm90_", "sm80_", "ampere_")),
-    ("copy / fill", ("memcpy", "memset", "copy", "fill")),
-)
-
-
-def kernel_kind(name: str) -> str:
-    low = name.lower()
-    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
 @torch.no_grad()  # the compiled step was traced under no_grad: calling it with grad on would recompile

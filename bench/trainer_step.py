@@ -25,6 +25,9 @@ trains its own batch, the report (rank 0's timings, every rank's peak memory) co
         --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP bench/trainer_step.py --variants preset --out $OUT/fsdp
     accelerate launch --multi_gpu --num_processes 2 bench/trainer_step.py --variants preset \
         --set train.ddp_comm_hook=bf16 --set train.ddp_static_graph=true --out $OUT/ddp_bf16    # DDP options
+
+``--profile`` adds, after the timing, one profiled update of each kind: the GPU's busy and idle time, time by kernel
+kind, and the NCCL time that no other kernel overlaps (the part of a multi-GPU update spent waiting on the link).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from common import (
     fresh_peak,
     matmul_tflops,
     peak_memory_gb,
+    profile_kernels,
     sd15_unet_config,
     sd15_vae_config,
     sd35_medium_config,
@@ -176,6 +180,11 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
             row["critic_update"] = time_ms(lambda: trainer.critic_step(next(steps)), device, warmup=1,
                                            iters=args.iters)  # fmt: skip
             row["peak_gb"] = peak_memory_gb(device)
+        if args.profile:  # after the peak: every rank runs the updates (DDP's collectives); rank 0's kernels reported
+            row["profile"] = {
+                "generator update": profile_kernels(lambda: trainer.generator_step(next(steps)), device),
+                "critic update": profile_kernels(lambda: trainer.critic_step(next(steps)), device),
+            }
         k = trainer.cfg.train.critic_steps_per_generator_step
         g, c = row["generator_update"]["ms"], row["critic_update"]["ms"]
         row["critic_steps_per_generator_step"] = k
@@ -228,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=540)
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="after the timing, profile one update of each kind: busy / idle GPU time, time by kernel kind, and the "
+        "NCCL time no compute overlaps (multi-GPU: the wait on the link)",
+    )  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every variant, after its own (repeatable), e.g. "
                              "--set train.ddp_comm_hook=bf16 --set train.ddp_bucket_mb=100")  # fmt: skip
@@ -286,6 +300,25 @@ def to_markdown(report: dict) -> str:
             f"| {r['samples_per_s_generator']:.2f} "
             f"| {fmt(r['peak_gb'])}{ranks} | {r['first_updates_s']:.0f} |"
         )
+    profiled = [r for r in report["rows"] if r.get("profile")]
+    if profiled:
+        lines += [
+            '\nKernel profile, one update of each kind after the timing (rank 0; ms on the GPU; "NCCL exposed" = '
+            "communication no compute kernel overlaps):\n",
+            "| variant | update | wall | busy | idle | compute | NCCL | NCCL exposed | kernels | by kind |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in profiled:
+            for update, p in r["profile"].items():
+                if not p.get("kernels"):
+                    lines.append(f"| {r['name']} | {update} | no GPU kernels recorded | | | | | | | |")
+                    continue
+                kinds = ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind_ms"].items())
+                lines.append(
+                    f"| {r['name']} | {update} | {p['wall_ms']:.1f} | {p['busy_ms']:.1f} | {p['idle_ms']:.1f} "
+                    f"| {p['compute_ms']:.1f} | {p['comm_ms']:.1f} | {p['comm_exposed_ms']:.1f} | {p['kernels']:.0f} "
+                    f"| {kinds} |"
+                )
     for r in report["rows"]:
         if "flops_error" in r:
             lines.append(f"\n{r['name']}: MFU not computed, {r['flops_error'][:200]}")

@@ -87,12 +87,16 @@ def test_train_scaling_two_cpu_processes(tmp_path):
 
 def test_trainer_step_tiny(tmp_path):
     """The real DistillTrainer, built from a preset on injected spaces, times both updates and counts their FLOPs."""
-    run_bench("trainer_step.py", "--variants", "preset", "--iters", "1", "--out", str(tmp_path))
+    run_bench("trainer_step.py", "--variants", "preset", "--iters", "1", "--profile", "--out", str(tmp_path))
     row = json.loads((tmp_path / "trainer_step.json").read_text())["rows"][0]
     assert "error" not in row, row.get("error")
     assert row["generator_update"]["ms"] > 0 and row["critic_update"]["ms"] > 0
     assert row["generator_tflop"] > row["critic_tflop"] > 0  # the generator update runs real + fake score and more
     assert row["critic_steps_per_generator_step"] == 10  # the preset's, not overridden
+    # --profile ran one update of each kind under the profiler; a CPU has no kernels, and the report says so
+    none = {"kernels": 0, "calls": 1}
+    assert row["profile"] == {"generator update": none, "critic update": none}
+    assert "| preset | critic update | no GPU kernels recorded |" in (tmp_path / "trainer_step.md").read_text()
 
 
 def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
@@ -101,7 +105,7 @@ def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
     sets = ["--set", "train.ddp_comm_hook=fp16", "--set", "train.ddp_static_graph=true"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "bench" / "trainer_step.py"), "--tiny", "--variants", "preset", "--iters", "1",
+           str(ROOT / "bench" / "trainer_step.py"), "--tiny", "--variants", "preset", "--iters", "1", "--profile",
            "--out", str(tmp_path), *sets]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -119,16 +123,45 @@ def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
     assert line.count("|") == header.count("|") and line.endswith("|"), "per-rank peaks must stay inside the cells"
     assert "(ranks: " in line
     assert len(row["peak_gb_per_rank"]) == 2 and "generator_tflop" not in row
+    assert set(row["profile"]) == {"generator update", "critic update"}  # every rank ran the profiled updates
     assert row["samples_per_s_generator"] == pytest.approx(2 * 4 / (row["cycle_ms"] * 1e-3))
 
 
 def test_profile_counts_inductor_kernels_named_after_a_conv_as_triton():
     """inductor names a conv's fused epilogue "triton_..._convolution_...": it is Triton work, not a cuDNN conv."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from infer_one_step import kernel_kind
+    from common import kernel_kind
 
     assert kernel_kind("triton_per_fused_clone_convolution_native_group_norm_silu_194").startswith("Triton fused")
     assert kernel_kind("triton_tem_fused_convolution_3").startswith("Triton template")
     assert kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv (cuDNN)"
     assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert kernel_kind("nvjet_sm90_tst_64x64_64x13_4x2_h_bz_TNT") == "GEMM (cuBLAS)"
+
+
+def test_timeline_summary_separates_exposed_communication_from_overlapped():
+    """Kernels of one update on two streams: the NCCL time a compute kernel overlaps is hidden, the rest exposed."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import covered, merge_intervals, overlap, timeline_summary
+
+    assert merge_intervals([(5, 7), (0, 2), (1, 3), (7, 8)]) == [(0, 3), (5, 8)]
+    assert covered([(0, 2), (1, 3), (10, 11)]) == 4
+    assert overlap([(0, 10)], [(2, 3), (5, 7), (9, 12)]) == 1 + 2 + 1
+    kernels = [  # (name, start us, end us)
+        ("triton_poi_fused_add_0", 0, 1000),  # compute
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 600, 1600),  # 400 us under the kernel above...
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", 1000, 1200),  # ...200 us under this GEMM: 400 us exposed
+        ("Memcpy DtoD (Device -> Device)", 2000, 2500),  # after a 400 us gap with nothing running
+    ]
+    s = timeline_summary(kernels)
+    assert s["kernels"] == 4
+    assert s["wall_ms"] == pytest.approx(2.5) and s["busy_ms"] == pytest.approx(2.1)
+    assert s["idle_ms"] == pytest.approx(0.4)
+    assert s["comm_ms"] == pytest.approx(1.0) and s["comm_exposed_ms"] == pytest.approx(0.4)
+    assert s["compute_ms"] == pytest.approx(1.2 + 0.5)
+    assert s["by_kind_ms"]["NCCL (communication)"] == pytest.approx(1.0)
+    assert s["by_kind_ms"]["copy / fill"] == pytest.approx(0.5)
+    assert s["top"][0]["name"].startswith("triton_poi") and s["top"][0]["kind"].startswith("Triton fused")
+    two = timeline_summary(kernels + [(n, a + 3000, b + 3000) for n, a, b in kernels], calls=2)
+    assert two["kernels"] == 4 and two["comm_exposed_ms"] == pytest.approx(0.4)  # per call
+    assert timeline_summary([]) == {"kernels": 0}
