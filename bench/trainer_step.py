@@ -181,10 +181,13 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
                                            iters=args.iters)  # fmt: skip
             row["peak_gb"] = peak_memory_gb(device)
         if args.profile:  # after the peak: every rank runs the updates (DDP's collectives); rank 0's kernels reported
-            row["profile"] = {
-                "generator update": profile_kernels(lambda: trainer.generator_step(next(steps)), device),
-                "critic update": profile_kernels(lambda: trainer.critic_step(next(steps)), device),
-            }
+            try:
+                row["profile"] = {
+                    "generator update": profile_kernels(lambda: trainer.generator_step(next(steps)), device),
+                    "critic update": profile_kernels(lambda: trainer.critic_step(next(steps)), device),
+                }
+            except Exception as err:  # the timings stand without it
+                row["profile_error"] = f"{type(err).__name__}: {str(err)[:300]}"
         k = trainer.cfg.train.critic_steps_per_generator_step
         g, c = row["generator_update"]["ms"], row["critic_update"]["ms"]
         row["critic_steps_per_generator_step"] = k
@@ -322,6 +325,8 @@ def to_markdown(report: dict) -> str:
     for r in report["rows"]:
         if "flops_error" in r:
             lines.append(f"\n{r['name']}: MFU not computed, {r['flops_error'][:200]}")
+        if "profile_error" in r:
+            lines.append(f"\n{r['name']}: not profiled, {r['profile_error'][:200]}")
     if report["skipped"]:
         lines.append(f"\nSkipped: {report['skipped']}")
     return "\n".join(lines) + "\n"
