@@ -209,11 +209,11 @@ class OneStepRunner:
         self.unet, self.vae = (
             m.to(device=self.device, dtype=self.dtype, memory_format=memory_format) for m in (unet, vae)
         )
-        wide = {id(m): self.options.wide_head_attention and enable_wide_head_matmul_attention(m) > 0
-                for m in (self.unet, self.vae)}  # fmt: skip
+        wide = [self.options.wide_head_attention and enable_wide_head_matmul_attention(m) > 0
+                for m in (self.unet, self.vae)]  # fmt: skip
         if self.options.fuse_qkv:  # after the move: the fused weights are concatenated on the device, in dtype
-            for m in (self.unet, self.vae):
-                if not wide[id(m)]:  # a module with wide heads (the VAE) keeps its faster unfused matmul attention
+            for m, has_wide_heads in zip((self.unet, self.vae), wide):
+                if not has_wide_heads:  # a module with wide heads (the VAE) keeps its faster unfused matmul attention
                     fuse_qkv_projections(m)
         for m in (self.unet, self.vae):  # after fusing: the new fused Linears are trainable when created
             m.eval().requires_grad_(False)
