@@ -305,10 +305,12 @@ def test_wide_head_attention_switches_the_decoder_attention_not_the_losses(cross
     _assert_losses_close(_losses(tmp_path / "run"), _losses(folder / "eager")[:2], rtol=1e-4, atol=1e-6)
 
 
-def test_the_fastest_measured_bridge_recipe_traces_and_keeps_the_losses(cross_runs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_the_fastest_measured_bridge_recipe_compiles_and_keeps_the_losses(cross_runs, tmp_path, monkeypatch, backend):
     """docs/performance.md's fastest measured Bridge (8.7% of the SD3.5-M step): train.compile + channels_last +
     channel_stats_norm + wide_head_attention together. Dynamo traces the swapped norms and the matmul processor inside
-    the compiled blocks (eager backend: graph capture without a C++ build), and the losses stay on the eager run's."""
+    the compiled blocks (eager backend: graph capture without a C++ build; inductor: real kernels, slow), and the
+    losses stay on the eager run's."""
     from diffusers.models.attention_processor import Attention
 
     from crossdistill.models import wide_attention
@@ -316,7 +318,7 @@ def test_the_fastest_measured_bridge_recipe_traces_and_keeps_the_losses(cross_ru
 
     folder, cfg = cross_runs
     monkeypatch.setattr(wide_attention, "WIDEST_FUSED_HEAD", 8)  # the tiny decoder's 16-wide head counts as wide
-    monkeypatch.setattr(distill, "compile_blocks", lambda m, **kw: compile_blocks(m, backend="eager", **kw))
+    monkeypatch.setattr(distill, "compile_blocks", lambda m, **kw: compile_blocks(m, backend=backend, **kw))
     recipe = dict(compile=True, channels_last=True, channel_stats_norm=True, wide_head_attention=True, max_steps=2)
     trainer = DistillTrainer(_cfg(cfg, **recipe), tmp_path / "run")
     decoder = trainer.student.codec.vae.decoder
