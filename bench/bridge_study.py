@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import Clock, env_markdown, environment, fmt, kernel_kind, sync, write_report
+from common import Clock, env_markdown, environment, fmt, profile_kernels, sync, write_report
 from crossdistill.train.perf import compile_blocks
 from infer_one_step import rel_err
 from train_step import SD15_SCALE, Setup, switch_options
@@ -71,8 +71,8 @@ class BridgePart:
     def __init__(self, setup: Setup, base: tuple, v: Variant, batch: int) -> None:
         self.vae, self.proj = copy.deepcopy(base)  # the same weights in every variant
         for m in (self.vae.decoder, self.proj):
-            switch_options(m, channels_last=v.channels_last, subpixel=False, channel_stats_norm=v.channel_stats_norm,
-                           wide_head_attention=v.wide_head_attention)
+            switch_options(m, channels_last=v.channels_last, subpixel_upsample=False,
+                           channel_stats_norm=v.channel_stats_norm, wide_head_attention=v.wide_head_attention)
             if v.compile == "regional":
                 compile_blocks(m)
             elif v.compile == "whole":
@@ -118,18 +118,9 @@ class BridgePart:
         return {"fwd_ms": f, "bwd_ms": b, "ms": f + b, "iters": iters}
 
     def profile(self, calls: int) -> dict:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                self()
-            sync(self.device)
-        kinds: dict[str, float] = {}
-        for e in prof.key_averages():
-            us = getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)
-            if us and e.device_type == torch.autograd.DeviceType.CUDA:
-                kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us / 1e3 / calls
-        return {"busy_ms_per_call": sum(kinds.values()), "kinds_ms": dict(sorted(kinds.items(), key=lambda x: -x[1]))}
+        """GPU time per step by kernel kind (common.profile_kernels), under the report's keys."""
+        p = profile_kernels(self, self.device, calls)
+        return {"busy_ms_per_call": p.get("busy_ms", 0.0), "kinds_ms": p.get("by_kind_ms", {})}
 
 
 def main(argv: list[str] | None = None) -> int:

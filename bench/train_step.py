@@ -59,11 +59,8 @@ from common import (
     write_report,
 )
 from crossdistill.bridge.model import Projector, decoder_features, prior_geometry
-from crossdistill.models.groupnorm import enable_channel_stats_group_norm
-from crossdistill.models.subpixel import enable_subpixel_upsample
-from crossdistill.models.wide_attention import enable_wide_head_matmul_attention
 from crossdistill.train.distill import LORA_TARGETS
-from crossdistill.train.perf import compile_blocks, make_adamw, to_channels_last
+from crossdistill.train.perf import MODULE_SWAPS, compile_blocks, make_adamw, to_channels_last
 
 SQRT_AB, SQRT_1M_AB = 0.00466**0.5, (1 - 0.00466) ** 0.5  # SD 1.5's ᾱ at t = 999 (see export/fast.py)
 SD15_SCALE = 0.18215
@@ -120,19 +117,16 @@ class Setup:
         return self.randn(b, 4, s, s), self.randn(b, self.text_len, self.student_text_dim)
 
 
-def switch_options(
-    m: nn.Module, *, channels_last: bool, subpixel: bool, channel_stats_norm: bool, wide_head_attention: bool
-) -> None:
-    """The trainer's layout / module-swap speed options (train.channels_last, subpixel_upsample, channel_stats_norm,
-    wide_head_attention) on one module, in place."""
+def switch_options(m: nn.Module, *, channels_last: bool, **swaps: bool) -> None:
+    """The trainer's layout and module-swap speed options on one module, in place, in the trainer's order:
+    train.channels_last, then each of perf.MODULE_SWAPS (``swaps`` names every one of them, on or off)."""
+    if set(swaps) != set(MODULE_SWAPS):
+        raise TypeError(f"switch_options wants exactly {sorted(MODULE_SWAPS)}, got {sorted(swaps)}")
     if channels_last:
         to_channels_last(m)
-    if subpixel:
-        enable_subpixel_upsample(m)
-    if channel_stats_norm:
-        enable_channel_stats_group_norm(m)
-    if wide_head_attention:
-        enable_wide_head_matmul_attention(m)
+    for key, switch in MODULE_SWAPS.items():
+        if swaps[key]:
+            switch(m)
 
 
 def sd3_call(model: nn.Module, x: Tensor, sigma: Tensor, cond: dict) -> Tensor:
@@ -289,7 +283,7 @@ class DMD2Step:
         # wide_head_attention touch the same ones.
         conv = [self.gen] + ([self.vae.decoder, self.proj] if self.cross else [self.real, self.fake])
         for m in conv:
-            switch_options(m, channels_last=opts.channels_last, subpixel=opts.subpixel,
+            switch_options(m, channels_last=opts.channels_last, subpixel_upsample=opts.subpixel,
                            channel_stats_norm=opts.channel_stats_norm, wide_head_attention=opts.wide_head_attention)
         if opts.compile:
             modules = [self.gen, self.real] + ([] if self.fake is self.real else [self.fake])
