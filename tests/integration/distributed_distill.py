@@ -60,6 +60,7 @@ def ddp_options(module) -> dict | None:
         "bucket_cap_bytes": data["bucket_cap_bytes"],
         "static_graph": module.static_graph,
         "gradient_as_bucket_view": module.gradient_as_bucket_view,
+        "broadcast_buffers": module.broadcast_buffers,
     }
 
 

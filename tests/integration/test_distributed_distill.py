@@ -78,10 +78,12 @@ def write_config(folder: Path, fake_score: str, ema: float) -> Path:
 # critic's module), with gradient checkpointing as the real presets have it. No GAN: static_graph refuses it.
 DDP_BASE = ("model.fake_score=lora", "model.lora_rank=4", "train.gradient_checkpointing=true")
 DDP_COTRAIN = ("train.cotrain_bridge=true", "data.real_images=emoji:train", "data.max_real_images=8")
-DDP_EXACT = ("train.ddp_bucket_mb=1", "train.ddp_static_graph=true", "train.ddp_grad_as_bucket_view=true")
+DDP_EXACT = ("train.ddp_bucket_mb=1", "train.ddp_static_graph=true", "train.ddp_grad_as_bucket_view=true",
+             "train.ddp_broadcast_buffers=false")  # fmt: skip
 DDP_DEFAULTS = {"comm_hook": None, "bucket_cap_bytes": 25 * 2**20, "static_graph": False,
-                "gradient_as_bucket_view": False}  # fmt: skip
-DDP_EXACT_BUILT = {"comm_hook": None, "bucket_cap_bytes": 2**20, "static_graph": True, "gradient_as_bucket_view": True}
+                "gradient_as_bucket_view": False, "broadcast_buffers": True}  # fmt: skip
+DDP_EXACT_BUILT = {"comm_hook": None, "bucket_cap_bytes": 2**20, "static_graph": True, "gradient_as_bucket_view": True,
+                   "broadcast_buffers": False}  # fmt: skip
 
 
 def write_ddp_configs(folder: Path, hook: str, *base: str) -> list[Path]:

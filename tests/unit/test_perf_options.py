@@ -186,7 +186,7 @@ def test_defaults_and_cli_show_the_options(capsys):
                 "subpixel_upsample", "channel_stats_norm", "wide_head_attention", *distill.DDP_KEYS):  # fmt: skip
         assert f'"{key}"' in out
     assert (t.ddp_comm_hook, t.ddp_bucket_mb) == ("none", 25)  # torch's bucket size
-    assert t.ddp_static_graph is False and t.ddp_grad_as_bucket_view is False
+    assert t.ddp_static_graph is False and t.ddp_grad_as_bucket_view is False and t.ddp_broadcast_buffers is True
 
 
 def test_compile_traces_the_step_modules_and_checkpoints_load_without_compile(cross_runs, tmp_path, monkeypatch):
@@ -418,9 +418,10 @@ def test_ddp_kwargs_are_torchs_defaults_unless_set():
     assert isinstance(kwargs, DistributedDataParallelKwargs)
     assert kwargs.to_kwargs() == {} and kwargs.comm_hook == DDPCommunicationHookType.NO  # DDP built as before
     tuned = distill.ddp_kwargs(distill.TrainConfig(ddp_comm_hook="bf16", ddp_bucket_mb=100, ddp_static_graph=True,
-                                          ddp_grad_as_bucket_view=True))  # fmt: skip
+                                          ddp_grad_as_bucket_view=True, ddp_broadcast_buffers=False))  # fmt: skip
     # what accelerate hands to torch.nn.parallel.DistributedDataParallel, and the hook it registers after wrapping
-    assert tuned.to_kwargs() == {"bucket_cap_mb": 100, "static_graph": True, "gradient_as_bucket_view": True}
+    assert tuned.to_kwargs() == {"bucket_cap_mb": 100, "static_graph": True, "gradient_as_bucket_view": True,
+                                 "broadcast_buffers": False}  # fmt: skip
     assert tuned.comm_hook == DDPCommunicationHookType.BF16
     assert distill.ddp_kwargs(distill.TrainConfig(ddp_comm_hook="fp16")).comm_hook == DDPCommunicationHookType.FP16
 
@@ -433,6 +434,7 @@ def test_ddp_kwargs_are_torchs_defaults_unless_set():
         ({"ddp_bucket_mb": 2.5}, r"train.ddp_bucket_mb must be an int >= 1 .*got 2.5"),
         ({"ddp_static_graph": "yes"}, r"train.ddp_static_graph must be true or false; got 'yes'"),
         ({"ddp_grad_as_bucket_view": 1}, r"train.ddp_grad_as_bucket_view must be true or false; got 1"),
+        ({"ddp_broadcast_buffers": "no"}, r"train.ddp_broadcast_buffers must be true or false; got 'no'"),
     ],
 )
 def test_ddp_options_refuse_bad_values_naming_the_key(options, match):
@@ -447,10 +449,10 @@ def test_ddp_options_from_the_command_line():
     from crossdistill.config import apply_overrides
 
     sets = ["train.ddp_comm_hook=fp16", "train.ddp_bucket_mb=50", "train.ddp_static_graph=true",
-            "train.ddp_grad_as_bucket_view=on"]  # fmt: skip
+            "train.ddp_grad_as_bucket_view=on", "train.ddp_broadcast_buffers=false"]  # fmt: skip
     t = apply_overrides(distill.DistillConfig(), sets).train
     assert (t.ddp_comm_hook, t.ddp_bucket_mb) == ("fp16", 50)
-    assert t.ddp_static_graph is True and t.ddp_grad_as_bucket_view is True
+    assert t.ddp_static_graph is True and t.ddp_grad_as_bucket_view is True and t.ddp_broadcast_buffers is False
     cfg = distill.DistillConfig()
     with pytest.raises(ConfigError, match=r"'train.ddp_comm_hook' must be one of 'none', 'fp16', 'bf16'"):
         apply_overrides(cfg, ["train.ddp_comm_hook=int8"])
@@ -529,7 +531,8 @@ def test_ddp_options_are_resume_safe_and_ignored_on_one_process(cross_runs, tmp_
     from crossdistill.config import config_hash, prepare_run_dir, to_dict
 
     folder, cfg = cross_runs
-    tuned = _cfg(cfg, ddp_comm_hook="fp16", ddp_bucket_mb=1, ddp_static_graph=True, ddp_grad_as_bucket_view=True)
+    tuned = _cfg(cfg, ddp_comm_hook="fp16", ddp_bucket_mb=1, ddp_static_graph=True, ddp_grad_as_bucket_view=True,
+                 ddp_broadcast_buffers=False)
     assert config_hash(tuned, distill.DISTILL_RESUME_SAFE) == config_hash(cfg, distill.DISTILL_RESUME_SAFE)
     older = tmp_path / "older"  # config.json of a version without the keys
     prepare_run_dir(older, cfg, resume_safe=distill.DISTILL_RESUME_SAFE)

@@ -78,6 +78,7 @@ SPEED_KEYS = (
     "train.ddp_bucket_mb",
     "train.ddp_static_graph",
     "train.ddp_grad_as_bucket_view",
+    "train.ddp_broadcast_buffers",
 )
 DISTILL_RESUME_SAFE = (*RESUME_SAFE_KEYS, *SPEED_KEYS)
 # Where train.offload_text_encoders / offload_idle_vaes put what they move (tests set "meta": any later use fails).
@@ -136,6 +137,9 @@ class TrainConfig:
     ddp_bucket_mb: int = 25  # gradient bucket size in MiB (bucket_cap_mb; torch's default 25)
     ddp_static_graph: bool = False  # static_graph: the same parameters get gradients every step (not with the GAN)
     ddp_grad_as_bucket_view: bool = False  # gradient_as_bucket_view: gradients are views into the all-reduce buckets
+    # broadcast_buffers: rank 0 sends every buffer to the others at each forward of a DDP module (the SD3 fake score:
+    # its 0.9 GB positional table). Our models' buffers are constants that every rank builds alike: false skips it
+    ddp_broadcast_buffers: bool = True
 
 
 @dataclass(kw_only=True)
@@ -209,7 +213,7 @@ def check_config(cfg: DistillConfig) -> None:
 # DDP tuning (train.ddp_*): torch's DistributedDataParallel arguments, passed through accelerate
 
 DDP_COMM_HOOKS = ("none", "fp16", "bf16")
-DDP_KEYS = ("ddp_comm_hook", "ddp_bucket_mb", "ddp_static_graph", "ddp_grad_as_bucket_view")
+DDP_KEYS = ("ddp_comm_hook", "ddp_bucket_mb", "ddp_static_graph", "ddp_grad_as_bucket_view", "ddp_broadcast_buffers")
 
 
 def check_ddp_options(t: TrainConfig) -> None:
@@ -220,7 +224,7 @@ def check_ddp_options(t: TrainConfig) -> None:
         )
     if isinstance(t.ddp_bucket_mb, bool) or not isinstance(t.ddp_bucket_mb, int) or t.ddp_bucket_mb < 1:
         raise ConfigError(f"train.ddp_bucket_mb must be an int >= 1 (MiB, torch default 25); got {t.ddp_bucket_mb!r}")
-    for key in ("ddp_static_graph", "ddp_grad_as_bucket_view"):
+    for key in ("ddp_static_graph", "ddp_grad_as_bucket_view", "ddp_broadcast_buffers"):
         if not isinstance(getattr(t, key), bool):
             raise ConfigError(f"train.{key} must be true or false; got {getattr(t, key)!r}")
 
@@ -235,6 +239,7 @@ def ddp_kwargs(t: TrainConfig) -> DistributedDataParallelKwargs:
         bucket_cap_mb=t.ddp_bucket_mb,
         static_graph=t.ddp_static_graph,
         gradient_as_bucket_view=t.ddp_grad_as_bucket_view,
+        broadcast_buffers=t.ddp_broadcast_buffers,
         comm_hook=hook,
     )
 
@@ -283,7 +288,7 @@ def check_ddp_accelerator(cfg: DistillConfig, accelerator, *, sharded: bool) -> 
             "2.10 (or XPU with XCCL), and this torch is not one: --set train.ddp_comm_hook=fp16 (or none)"
         )
     want, have = ddp_kwargs(cfg.train), getattr(accelerator, "ddp_handler", None)
-    fields = ("bucket_cap_mb", "static_graph", "gradient_as_bucket_view", "comm_hook")
+    fields = ("bucket_cap_mb", "static_graph", "gradient_as_bucket_view", "broadcast_buffers", "comm_hook")
     if have is None or any(getattr(have, f) != getattr(want, f) for f in fields):
         raise ConfigError(
             f"{', '.join(chosen)} set, but the accelerator given to the trainer was built without them: "
