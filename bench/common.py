@@ -233,7 +233,6 @@ def timeline_summary(kernels: list[tuple[str, float, float]], calls: int = 1, to
 def profile_kernels(fn: Callable[[], object], device: torch.device, calls: int = 1) -> dict:
     """Run ``fn`` ``calls`` times under torch.profiler and summarise its device kernels (:func:`timeline_summary`).
     Without a GPU there are no kernels: the summary says so (the code path still runs)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -241,12 +240,25 @@ def profile_kernels(fn: Callable[[], object], device: torch.device, calls: int =
         for _ in range(calls):
             fn()
         sync(device)
-    kernels = [
+    return timeline_summary(device_kernels(prof.events()), calls) | {"calls": calls}
+
+
+def device_kernels(events) -> list[tuple[str, float, float]]:
+    """``(name, start_us, end_us)`` of what ran on the GPU (kernels, copies, fills) among a profiler's events.
+
+    Leaves out the user annotations: the profiler mirrors ``record_function`` ranges such as
+    ``DistributedDataParallel.forward``, ``Optimizer.step#AdamW.step`` or ``nccl:all_reduce`` onto the GPU timeline as
+    events of device type CUDA, spanning the kernels launched inside them (and the gaps between those). Counted as
+    kernels they would double the time of what they cover and fill the gaps as busy time."""
+    from torch.autograd import DeviceType
+
+    return [
         (e.name, float(e.time_range.start), float(e.time_range.end))
-        for e in prof.events()
-        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+        for e in events
+        if e.device_type == DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and e.time_range.end > e.time_range.start
     ]
-    return timeline_summary(kernels, calls) | {"calls": calls}
 
 
 def count_flops(fn: Callable[[], object]) -> float:

@@ -37,6 +37,7 @@ from common import (
     Clock,
     build,
     count_flops,
+    device_kernels,
     env_markdown,
     environment,
     kernel_kind,
@@ -103,6 +104,10 @@ EXTRA_VARIANTS: list[tuple[str, dict, float]] = [
     # same for the convolutions too.
     ("default + max_autotune_gemm", DEFAULT | dict(inductor_config={"max_autotune_gemm": True}), 400),
     ("default + max_autotune", DEFAULT | dict(inductor_config={"max_autotune": True}), 600),
+    # GEMM templates only, the convolutions kept on cuDNN: 11.05 ms at batch 1 against the default's 10.29 (H100,
+    # session 8; its autotuning took two calls' time, ~10 minutes)
+    ("default + GEMM autotune, convs on cuDNN",
+     DEFAULT | dict(inductor_config={"max_autotune_gemm": True, "max_autotune_conv_backends": "ATEN"}), 400),
 ]  # fmt: skip
 SPLIT_COST_S = 140  # two more compiled + captured graphs (UNet part, decode part) per batch size
 PROFILE_COST_S = 15
@@ -177,7 +182,6 @@ def profile_step(runner: OneStepRunner, embeds, noise, device: torch.device, cal
 
     On a CPU (no kernels) the table lists operators by self CPU time instead, so the code path is exercised.
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -189,18 +193,17 @@ def profile_step(runner: OneStepRunner, embeds, noise, device: torch.device, cal
         for _ in range(calls):
             step(embeds, noise)
         sync(device)
-    events = prof.key_averages()
     what = "CUDA kernels" if cuda else "CPU operators (no GPU)"
-    rows = [  # kernels (and memcpy/memset) are events of device type CUDA, with their device time as self time
-        {"name": e.key, "count": e.count, "total_us": e.self_device_time_total}
-        for e in events
-        if cuda and e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
-    ]
+    by_name: dict[str, dict] = {}  # kernels, copies and fills, by name (common.device_kernels: no annotations)
+    for name, start, end in device_kernels(prof.events()) if cuda else []:
+        row = by_name.setdefault(name, {"name": name, "count": 0, "total_us": 0.0})
+        row["count"], row["total_us"] = row["count"] + 1, row["total_us"] + end - start
+    rows = list(by_name.values())
     if not rows:  # CPU, or a profiler that lists no kernel events: operators by their own (device or CPU) time
         what = "operators by self device time" if cuda else what
         rows = [
             {"name": e.key, "count": e.count, "total_us": e.self_device_time_total if cuda else e.self_cpu_time_total}
-            for e in events
+            for e in prof.key_averages()
         ]
         rows = [r for r in rows if r["total_us"] > 0]
     total_us = sum(r["total_us"] for r in rows) or 1.0

@@ -165,3 +165,36 @@ def test_timeline_summary_separates_exposed_communication_from_overlapped():
     two = timeline_summary(kernels + [(n, a + 3000, b + 3000) for n, a, b in kernels], calls=2)
     assert two["kernels"] == 4 and two["comm_exposed_ms"] == pytest.approx(0.4)  # per call
     assert timeline_summary([]) == {"kernels": 0}
+
+
+def test_device_kernels_leave_out_the_annotations_the_profiler_mirrors_onto_the_gpu():
+    """record_function ranges (DDP's forward, the optimiser step, NCCL's op) come back as CUDA events spanning the
+    kernels inside them: counted as kernels they doubled those kernels' time and made the gaps between them busy (the
+    first two-GPU profiles, 2026-11-26). Only kernels, copies and fills remain; CPU events and empty spans go too."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import device_kernels, timeline_summary
+
+    def event(name, start, end, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=end))  # fmt: skip
+
+    events = [
+        event("DistributedDataParallel.forward", 0, 3000, annotation=True),  # spans the forward's kernels and gaps
+        event("triton_poi_fused_add_0", 0, 1000),
+        event("sm90_xmma_gemm_bf16bf16_bf16f32", 2000, 3000),
+        event("nccl:all_reduce", 3000, 3500, annotation=True),
+        event("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 3000, 3500),
+        event("aten::mm", 0, 900, device=DeviceType.CPU),  # the CPU side of the same run
+        event("Memset (Device)", 3600, 3600),  # no duration
+    ]
+    kernels = device_kernels(events)
+    assert [k[0] for k in kernels] == ["triton_poi_fused_add_0", "sm90_xmma_gemm_bf16bf16_bf16f32",
+                                       "ncclDevKernel_AllReduce_Sum_f32_RING_LL"]  # fmt: skip
+    s = timeline_summary(kernels)
+    assert s["busy_ms"] == pytest.approx(2.5) and s["idle_ms"] == pytest.approx(1.0)  # the 1 ms gap stays idle
+    assert s["by_kind_ms"]["NCCL (communication)"] == pytest.approx(0.5)  # once, not twice
+    assert s["comm_exposed_ms"] == pytest.approx(0.5)
