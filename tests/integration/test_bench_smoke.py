@@ -38,6 +38,21 @@ def test_infer_one_step_tiny(tmp_path):
     assert (tmp_path / "infer_one_step.md").read_text().startswith("# One-step SD 1.5 inference")
 
 
+def test_gan_pass_flops_tiny(tmp_path):
+    run_bench("gan_pass_flops.py", "--out", str(tmp_path))
+    r = json.loads((tmp_path / "gan_pass_flops.json").read_text())
+    assert r["feature_block"] == 2 and r["blocks"] == 4  # the middle of four blocks
+    assert 0 < r["forward_after_feature_block_tflop"] < r["forward_tflop"]  # block 3
+    assert r["forward_to_feature_block_tflop"] + r["forward_after_feature_block_tflop"] == pytest.approx(
+        r["forward_tflop"]
+    )
+    assert r["feature_pass_weight_grad_tflop"] > 0
+    assert r["unneeded_per_generator_update_tflop"] == pytest.approx(
+        r["forward_after_feature_block_tflop"] + r["feature_pass_weight_grad_tflop"]
+    )
+    assert "unneeded per critic update" in (tmp_path / "gan_pass_flops.md").read_text()
+
+
 def test_norm_study_tiny(tmp_path):
     run_bench("norm_study.py", "--out", str(tmp_path))
     report = json.loads((tmp_path / "norm_study.json").read_text())
