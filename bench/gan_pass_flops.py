@@ -1,20 +1,17 @@
-"""Counted, not timed: the FLOPs the trainer's GAN passes spend that their result does not need.
+"""Counted, not timed: the FLOPs of the trainer's GAN passes, and what the feature-block stop saves of them.
 
 With DMD2's GAN on (``train.gan_weight > 0``, with real images; off in the real-model presets, whose timed trainer
 runs no GAN pass), the GAN head reads the fake score's features at one block
 (``crossdistill.losses.dm.feature_module``: the middle of an MMDiT's ``transformer_blocks``). Two passes of the
-trainer run the fake score only for those features:
-
-- the critic update's pass over the real latents (``DistillTrainer.critic_loss``): its whole forward runs, though
-  nothing after the feature block reaches a loss;
-- the generator update's GAN pass (``DistillTrainer._gan_logits``): its whole forward runs, and its backward computes
-  the fake score's weight gradients up to the feature block, which the critic update then zeroes (only the gradient
-  that reaches the generator's sample is used).
+trainer run the fake score only for those features: the critic update's pass over the real latents, and the
+generator update's GAN pass. Both now stop at the feature block (``crossdistill.losses.dm.run_to``), which skips the
+forward after it. The generator update's backward still computes the fake score's weight gradients up to the block,
+which the critic update then zeroes (only the gradient that reaches the generator's sample is used).
 
 This script builds the Teacher-sized fake score on the meta device (no memory, no compute) and counts, with torch's
-``FlopCounterMode``, at the preset's batch: the whole forward, the forward up to the feature block (the blocks after it
-left out), and that truncated pass's backward with and without the fake score's weight gradients. Nothing is timed:
-what the FLOPs would save in time depends on the kernels (docs/performance.md).
+``FlopCounterMode``, at the preset's batch: the whole forward, the forward stopped at the feature block, and the
+stopped pass's backward with and without the fake score's weight gradients. Nothing is timed: what the FLOPs come to
+in time depends on the kernels (docs/performance.md).
 
     python bench/gan_pass_flops.py --out $OUT          # SD3.5-Medium fake score, batch 4, 1024 px (CPU, seconds)
     python bench/gan_pass_flops.py --tiny --out /tmp/b  # the tiny config (smoke test)
@@ -23,29 +20,15 @@ what the FLOPs would save in time depends on the kernels (docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from common import count_flops, env_markdown, environment, sd35_medium_config, write_report
-from crossdistill.losses.dm import feature_module
+from crossdistill.losses.dm import feature_module, run_to
 
 REPORT = "gan_pass_flops"
-
-
-@contextlib.contextmanager
-def up_to_feature_block(backbone: nn.Module):
-    """Within the block, ``backbone.transformer_blocks`` ends at the GAN head's feature block (restored after)."""
-    blocks = backbone.transformer_blocks
-    k = list(blocks).index(feature_module(backbone))
-    backbone.transformer_blocks = nn.ModuleList(list(blocks)[: k + 1])
-    try:
-        yield k
-    finally:
-        backbone.transformer_blocks = blocks
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,19 +51,22 @@ def main(argv: list[str] | None = None) -> dict:
     pooled = torch.randn(b, config["pooled_projection_dim"], **kw)
     t = torch.full((b,), 500.0, device="meta")
 
+    block = feature_module(fake)
+    k = list(fake.transformer_blocks).index(block)
+
     def forward(x):
         return fake(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t).sample
 
     def features_backward(weights: bool):
-        """The truncated pass and its backward from the features (a stand-in for the GAN head's gradient)."""
+        """The stopped pass and its backward from the features (a stand-in for the GAN head's gradient)."""
         fake.requires_grad_(weights)
         x = latents.clone().requires_grad_(True)
-        with up_to_feature_block(fake):
+        with run_to(fake, block):
             forward(x).float().sum().backward()
 
     with torch.no_grad():
         full = count_flops(lambda: forward(latents))
-        with up_to_feature_block(fake) as k:
+        with run_to(fake, block):
             truncated = count_flops(lambda: forward(latents))
     with_w, without_w = count_flops(lambda: features_backward(True)), count_flops(lambda: features_backward(False))
     n = len(fake.transformer_blocks)
@@ -98,8 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
         "forward_after_feature_block_tflop": after / tf,
         "feature_pass_fwd_bwd_tflop": with_w / tf,
         "feature_pass_weight_grad_tflop": weight_grads / tf,
-        "unneeded_per_critic_update_tflop": after / tf,
-        "unneeded_per_generator_update_tflop": (after + weight_grads) / tf,
+        "skipped_per_critic_update_tflop": after / tf,
+        "skipped_per_generator_update_tflop": after / tf,
+        "unused_weight_grads_per_generator_update_tflop": weight_grads / tf,
     }
     md = [
         "# The GAN passes' unneeded FLOPs (counted, not timed)\n",
@@ -113,15 +100,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"| one forward of the fake score | {full / tf:.2f} |",
         f"| the forward up to the feature block | {truncated / tf:.2f} |",
         f"| the forward after it (blocks {k + 1}–{n - 1}) | {after / tf:.2f} |",
-        f"| the truncated pass, forward + backward with weight gradients | {with_w / tf:.2f} |",
+        f"| the stopped pass, forward + backward with weight gradients | {with_w / tf:.2f} |",
         f"| of which the fake score's weight gradients | {weight_grads / tf:.2f} |",
-        f"| **unneeded per critic update** (the real pass's forward after the feature block) | **{after / tf:.2f}** |",
-        f"| **unneeded per generator update** (the same in the GAN pass, + the weight gradients) | "
-        f"**{(after + weight_grads) / tf:.2f}** |",
+        f"| **skipped by the stop, per critic update** (the real latents' pass) | **{after / tf:.2f}** |",
+        f"| **skipped by the stop, per generator update** (the GAN pass) | **{after / tf:.2f}** |",
+        f"| still computed and unused, per generator update: the weight gradients above | {weight_grads / tf:.2f} |",
         "",
-        "The truncated pass still runs the output layers (norm_out, proj_out) on the feature block's output; they are "
+        "The stopped pass still runs the output layers (norm_out, proj_out) on the feature block's output; they are "
         "counted in both. Without gradient checkpointing. With it (the presets) the backward also recomputes the "
-        "truncated forward, in both counts alike, so the unneeded FLOPs are the same.",
+        "stopped forward, in both counts alike, so the differences are the same.",
     ]
     write_report(args.out, REPORT, report, "\n".join(md) + "\n")
     print("\n".join(md))

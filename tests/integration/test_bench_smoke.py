@@ -47,10 +47,9 @@ def test_gan_pass_flops_tiny(tmp_path):
         r["forward_tflop"]
     )
     assert r["feature_pass_weight_grad_tflop"] > 0
-    assert r["unneeded_per_generator_update_tflop"] == pytest.approx(
-        r["forward_after_feature_block_tflop"] + r["feature_pass_weight_grad_tflop"]
-    )
-    assert "unneeded per critic update" in (tmp_path / "gan_pass_flops.md").read_text()
+    assert r["skipped_per_critic_update_tflop"] == r["forward_after_feature_block_tflop"]
+    assert r["unused_weight_grads_per_generator_update_tflop"] == r["feature_pass_weight_grad_tflop"]
+    assert "skipped by the stop, per critic update" in (tmp_path / "gan_pass_flops.md").read_text()
 
 
 def test_norm_study_tiny(tmp_path):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from crossdistill.config import from_dict, to_dict
 from crossdistill.errors import ConfigError
-from crossdistill.losses.dm import fake_score_loss
+from crossdistill.losses.dm import capture_features, fake_score_loss, feature_module, run_to
 from crossdistill.models.registry import family_names, get_family
 from crossdistill.train.distill import DistillConfig, adapters_disabled, add_lora, check_config
 from crossdistill.train.presets import PRESETS
@@ -72,6 +73,55 @@ def test_lora_fake_score_leaves_real_score_bit_identical(space):
     assert torch.equal(real, before)
     assert not torch.allclose(fake, before)
     assert torch.equal(again, fake)  # the adapter is back on after the block
+
+
+def test_run_to_keeps_the_gan_features_and_skips_what_follows(space):
+    """The GAN passes stop the fake score at its feature block: the features, and the gradients they send to the
+    input and to every weight before the block, are the whole forward's bit for bit; nothing after the block runs;
+    the backbone gets its own modules back."""
+    from contextlib import nullcontext
+
+    den = space.denoiser
+    backbone = den.backbone
+    block = feature_module(backbone)
+    children = dict(backbone.named_children())
+    if getattr(backbone, "mid_block", None) is block:
+        later = [*backbone.up_blocks, backbone.conv_out]
+    else:
+        k = list(backbone.transformer_blocks).index(block)
+        later = [*list(backbone.transformer_blocks)[k + 1 :], *getattr(backbone, "single_transformer_blocks", [])]
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in later]
+    trainable = {p: p.requires_grad for p in backbone.parameters()}
+    backbone.requires_grad_(True)
+    x0, eps, t, cond = _inputs(space)
+
+    def features(stop: bool):
+        calls.clear()
+        backbone.zero_grad(set_to_none=True)
+        x = den.noise(x0, t, eps).clone().requires_grad_(True)
+        with capture_features(block) as feats, run_to(backbone, block) if stop else nullcontext():
+            den.raw(x, t, cond)
+        feats[-1].float().square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
+        return feats[-1].detach(), x.grad, grads, len(calls)
+
+    try:
+        full, stopped = features(False), features(True)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        backbone.zero_grad(set_to_none=True)
+    assert torch.equal(full[0], stopped[0]) and torch.equal(full[1], stopped[1])
+    assert full[2].keys() == stopped[2].keys() and full[2]  # the same weights get gradients, and some do
+    assert all(torch.equal(full[2][n], stopped[2][n]) for n in full[2])
+    assert full[3] == len(later) and stopped[3] == 0  # what follows the block ran in the whole forward only
+    assert dict(backbone.named_children()) == children  # put back, the same module objects
+    with pytest.raises(ValueError, match="neither a transformer block nor the mid block"):
+        with run_to(backbone, nn.Linear(1, 1)):
+            pass
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -40,6 +40,7 @@ from crossdistill.losses.dm import (
     feature_module,
     gan_discriminator_loss,
     gan_generator_loss,
+    run_to,
 )
 from crossdistill.models.base import Denoiser, PromptEmbeds, Space
 from crossdistill.models.registry import get_family
@@ -676,7 +677,7 @@ class DistillTrainer:
         block = feature_module(self.fake_denoiser.backbone)
 
         def logits(denoiser: Denoiser) -> Tensor:
-            with capture_features(block) as feats:
+            with capture_features(block) as feats, run_to(denoiser.backbone, block):  # features only: stop there
                 denoiser.raw(denoiser.noise(x0, t, eps), t, cond)
             return self.gan_head(feats[-1])
 
@@ -723,7 +724,8 @@ class DistillTrainer:
             with capture_features(block) as feats:
                 loss = fake_score_loss(denoiser, z_hat, batch["cond_t"], tau, eps)
                 real = batch["real_z_t"]
-                denoiser.raw(denoiser.noise(real, tau, eps), tau, batch["real_cond_t"])
+                with run_to(denoiser.backbone, block):  # the reals' pass only needs the features
+                    denoiser.raw(denoiser.noise(real, tau, eps), tau, batch["real_cond_t"])
             feat_fake, feat_real = feats
             return loss, self.gan_head(torch.cat([feat_real, feat_fake]))
 
