@@ -1,12 +1,13 @@
-"""Counted, not timed: the FLOPs of the trainer's GAN passes, and what the feature-block stop saves of them.
+"""Counted, not timed: the FLOPs of the trainer's GAN passes, and what the trainer now leaves out of them.
 
 With DMD2's GAN on (``train.gan_weight > 0``, with real images; off in the real-model presets, whose timed trainer
 runs no GAN pass), the GAN head reads the fake score's features at one block
 (``crossdistill.losses.dm.feature_module``: the middle of an MMDiT's ``transformer_blocks``). Two passes of the
 trainer run the fake score only for those features: the critic update's pass over the real latents, and the
 generator update's GAN pass. Both now stop at the feature block (``crossdistill.losses.dm.run_to``), which skips the
-forward after it. The generator update's backward still computes the fake score's weight gradients up to the block,
-which the critic update then zeroes (only the gradient that reaches the generator's sample is used).
+forward after it. The generator update's backward also computed the fake score's weight gradients up to the block,
+which the critic update then zeroed (only the gradient that reaches the generator's sample is used): the pass now
+runs with the critic's weights frozen (``distill.weights_frozen``; one process and DDP, not under FSDP2).
 
 This script builds the Teacher-sized fake score on the meta device (no memory, no compute) and counts, with torch's
 ``FlopCounterMode``, at the preset's batch: the whole forward, the forward stopped at the feature block, and the
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "feature_pass_fwd_bwd_tflop": with_w / tf,
         "feature_pass_weight_grad_tflop": weight_grads / tf,
         "skipped_per_critic_update_tflop": after / tf,
-        "skipped_per_generator_update_tflop": after / tf,
-        "unused_weight_grads_per_generator_update_tflop": weight_grads / tf,
+        "skipped_per_generator_update_tflop": (after + weight_grads) / tf,
     }
     md = [
         "# The GAN passes' unneeded FLOPs (counted, not timed)\n",
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"| the stopped pass, forward + backward with weight gradients | {with_w / tf:.2f} |",
         f"| of which the fake score's weight gradients | {weight_grads / tf:.2f} |",
         f"| **skipped by the stop, per critic update** (the real latents' pass) | **{after / tf:.2f}** |",
-        f"| **skipped by the stop, per generator update** (the GAN pass) | **{after / tf:.2f}** |",
-        f"| still computed and unused, per generator update: the weight gradients above | {weight_grads / tf:.2f} |",
+        f"| **skipped per generator update** (the GAN pass: the stop + the frozen weights; FSDP2: the stop only) | "
+        f"**{(after + weight_grads) / tf:.2f}** |",
         "",
         "The stopped pass still runs the output layers (norm_out, proj_out) on the feature block's output; they are "
         "counted in both. Without gradient checkpointing. With it (the presets) the backward also recomputes the "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 from distill_common import tiny_config
 
+from crossdistill.train import distill
 from crossdistill.train.distill import DistillTrainer
 from crossdistill.train.stats import read_stats
 
@@ -50,8 +52,7 @@ def test_distill_steps_update_the_generator_and_write_the_run(tmp_path, cross, e
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
 
-def test_gan_and_bridge_cotraining_run(tmp_path):
-    """The optional GAN head (reals = Teacher latents of real images) and the co-trained Bridge both train."""
+def _real_images(tmp_path):
     from PIL import Image
 
     reals = tmp_path / "reals"
@@ -60,6 +61,12 @@ def test_gan_and_bridge_cotraining_run(tmp_path):
         Image.new("RGB", (20, 20), colour).save(reals / f"{i}.png")
         (reals / f"{i}.txt").write_text(f"a {colour} square")
     (reals / "broken.png").write_bytes(b"not a png")  # skipped and counted, not fatal
+    return reals
+
+
+def test_gan_and_bridge_cotraining_run(tmp_path):
+    """The optional GAN head (reals = Teacher latents of real images) and the co-trained Bridge both train."""
+    reals = _real_images(tmp_path)
     cfg = tiny_config(tmp_path, f"data.real_images={reals}", "train.gan_weight=0.1", "train.cotrain_bridge=true",
                       "train.max_steps=2", cross=True)  # fmt: skip
     trainer = DistillTrainer(cfg, tmp_path / "run")
@@ -68,3 +75,54 @@ def test_gan_and_bridge_cotraining_run(tmp_path):
     rows = read_stats(tmp_path / "run")
     assert all(math.isfinite(rows[0][k]) for k in ("loss/gan_g", "loss/gan_d", "loss/bridge_rec", "loss/dm"))
     assert any(not torch.equal(a, b) for a, b in zip(trainer.bridge.parameters(), bridge_before))
+
+
+def test_generator_gan_pass_computes_no_critic_weight_gradient(tmp_path, monkeypatch):
+    """The generator update's GAN pass freezes the critic's weights: the generator's gradients are those of the pass
+    with the critic trainable, bit for bit, the critic's weights get none (before, they got gradients the critic
+    update zeroed), and their requires_grad flags come back."""
+    cfg = tiny_config(tmp_path, f"data.real_images={_real_images(tmp_path)}", "train.gan_weight=0.1", cross=True)
+    trainer = DistillTrainer(cfg, tmp_path / "run")
+    device = trainer.accelerator.device
+    flags = [p.requires_grad for p in trainer.critic_params]
+    assert any(flags)
+
+    def generator_grads():
+        gen = distill.step_generator(cfg.train.seed, 0, 1, device, "generator")
+        trainer.opt_g.zero_grad(set_to_none=True)
+        trainer.opt_c.zero_grad(set_to_none=True)
+        with trainer.accelerator.autocast():
+            loss, logs = trainer.generator_loss(trainer.batch(gen), gen)
+        assert "loss/gan_g" in logs
+        trainer.accelerator.backward(loss)
+        critic = [p.grad is not None for p in trainer.critic_params]
+        return [p.grad.clone() for p in trainer.gen_params if p.grad is not None], critic
+
+    frozen, critic_frozen = generator_grads()
+    assert [p.requires_grad for p in trainer.critic_params] == flags
+    monkeypatch.setattr(distill, "weights_frozen", lambda params: contextlib.nullcontext())
+    trainable, critic_trainable = generator_grads()
+    assert not any(critic_frozen) and any(critic_trainable)
+    assert len(frozen) == len(trainable) > 0 and all(torch.equal(a, b) for a, b in zip(frozen, trainable))
+
+
+def test_gan_passes_under_compile_keep_the_eager_losses(tmp_path, monkeypatch):
+    """With train.compile the GAN passes' stop at the feature block and the frozen critic weights run through the
+    compiled blocks (dynamo's eager backend: graph capture and guards, no C++ build; the frozen pass is one more
+    graph per block kind): the losses are the eager run's."""
+    from crossdistill.train.perf import compile_blocks
+
+    reals = _real_images(tmp_path)
+    monkeypatch.setattr(distill, "compile_blocks", lambda m, **kw: compile_blocks(m, backend="eager", **kw))
+    losses = {}
+    for compiled in (False, True):
+        cfg = tiny_config(tmp_path, f"data.real_images={reals}", "train.gan_weight=0.1", "train.max_steps=3",
+                          f"train.compile={str(compiled).lower()}", cross=True)  # fmt: skip
+        run = tmp_path / f"run_{compiled}"
+        DistillTrainer(cfg, run).train()
+        losses[compiled] = [{k: v for k, v in r.items() if k.startswith("loss/")} for r in read_stats(run)]
+    assert any("loss/gan_g" in r for r in losses[True]) and any("loss/gan_d" in r for r in losses[True])
+    for eager, comp in zip(losses[False], losses[True], strict=True):
+        assert eager.keys() == comp.keys()
+        for k in eager:
+            assert comp[k] == pytest.approx(eager[k], rel=1e-5, abs=1e-7), k
