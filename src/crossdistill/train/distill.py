@@ -65,21 +65,19 @@ logger = logging.getLogger(__name__)
 
 # The attention projections of UNet, MMDiT and FLUX blocks (diffusers names): where the fake score's LoRA goes.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# The DDP wrapping options (train.ddp_*, passed to torch's DistributedDataParallel: ddp_kwargs below).
+DDP_KEYS = ("ddp_comm_hook", "ddp_bucket_mb", "ddp_static_graph", "ddp_grad_as_bucket_view", "ddp_broadcast_buffers")
 # Speed options change how a step runs, not what it computes (up to rounding): a run may resume with them toggled.
+# The module swaps (perf.MODULE_SWAPS) and the DDP options are among them; ddp_comm_hook rounds the all-reduced
+# gradients to bf16 / fp16, a rounding like mixed precision.
 SPEED_KEYS = (
     "train.compile",
     "train.fused_optimizer",
     "train.channels_last",
     "train.offload_text_encoders",
     "train.offload_idle_vaes",
-    "train.subpixel_upsample",
-    "train.channel_stats_norm",
-    "train.wide_head_attention",
-    "train.ddp_comm_hook",  # rounds the all-reduced gradients to bf16 / fp16: a rounding, like mixed precision
-    "train.ddp_bucket_mb",
-    "train.ddp_static_graph",
-    "train.ddp_grad_as_bucket_view",
-    "train.ddp_broadcast_buffers",
+    *(f"train.{key}" for key in MODULE_SWAPS),
+    *(f"train.{key}" for key in DDP_KEYS),
 )
 DISTILL_RESUME_SAFE = (*RESUME_SAFE_KEYS, *SPEED_KEYS)
 # Where train.offload_text_encoders / offload_idle_vaes put what they move (tests set "meta": any later use fails).
@@ -215,7 +213,6 @@ def check_config(cfg: DistillConfig) -> None:
 # DDP tuning (train.ddp_*): torch's DistributedDataParallel arguments, passed through accelerate
 
 DDP_COMM_HOOKS = ("none", "fp16", "bf16")
-DDP_KEYS = ("ddp_comm_hook", "ddp_bucket_mb", "ddp_static_graph", "ddp_grad_as_bucket_view", "ddp_broadcast_buffers")
 
 
 def check_ddp_options(t: TrainConfig) -> None:
