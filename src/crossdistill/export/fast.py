@@ -27,7 +27,8 @@ memory. The options below remove those costs one at a time (docs/performance.md 
   ``torch._inductor.config``. Needs ``compile``; like ``compile`` it only applies on CUDA (ignored with the same
   warning elsewhere). Coordinate descent makes each first call (per input shape) markedly slower;
 - ``inductor_config``: any other ``torch._inductor.config`` settings for this runner's compilations, passed the same
-  way (e.g. ``{"conv_1x1_as_mm": True}`` or ``{"freezing": True}``); unknown names are a ``ConfigError``;
+  way (e.g. ``{"conv_1x1_as_mm": True}``, ``{"freezing": True}``, or a nested one by its dotted name,
+  ``{"triton.enable_pdl": True}``); unknown names are a ``ConfigError``;
 - ``subpixel_upsample``: every "nearest ×2 upsample + 3×3 conv" of the UNet and the VAE decoder runs as one 2×2
   conv with four times the output channels and an interleave (:mod:`crossdistill.models.subpixel`): the same
   arithmetic with 4/9 of those convs' multiply-adds (−15 % of the decode's FLOPs, −4 % of the UNet's), equal up to
@@ -41,10 +42,13 @@ memory. The options below remove those costs one at a time (docs/performance.md 
 - ``wide_head_attention``: attention heads wider than 256 (the VAE's single 512-wide mid-block head), which the flash
   and cuDNN SDPA kernels do not take, run as two matmuls and a float32 softmax instead of the memory-efficient kernel
   (:mod:`crossdistill.models.wide_attention`); the UNet's heads are left alone. With ``fuse_qkv`` too, a module that
-  has wide heads (the VAE) keeps them unfused. Works on CPU too.
+  has wide heads (the VAE) keeps them unfused. Works on CPU too;
+- ``pad_narrow_convs``: the convolutions with 3 or 4 input or output channels (the UNet's and the decoder's first and
+  last) run with zero channels appended up to 8 and the output sliced back (:mod:`crossdistill.models.narrow_conv`):
+  the same function, in the channel counts cuDNN's tensor-core kernels take. Works on CPU too.
 
-On a CPU only ``dtype``, ``channels_last``, ``fuse_qkv``, ``subpixel_upsample``, ``channel_stats_norm`` and
-``wide_head_attention`` apply; the result equals the plain eager path up to rounding.
+On a CPU only ``dtype``, ``channels_last``, ``fuse_qkv``, ``subpixel_upsample``, ``channel_stats_norm``,
+``wide_head_attention`` and ``pad_narrow_convs`` apply; the result equals the plain eager path up to rounding.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from torch import Tensor, nn
 
 from crossdistill.errors import ConfigError
 from crossdistill.models.groupnorm import enable_channel_stats_group_norm
+from crossdistill.models.narrow_conv import enable_padded_narrow_convs
 from crossdistill.models.subpixel import enable_subpixel_upsample
 from crossdistill.models.wide_attention import enable_wide_head_matmul_attention
 
@@ -103,6 +108,7 @@ class FastPathOptions:
     subpixel_upsample: bool = False  # nearest x2 + 3x3 conv in exact sub-pixel form (models/subpixel.py)
     channel_stats_norm: bool = True  # GroupNorm statistics per channel, then per group (models/groupnorm.py)
     wide_head_attention: bool = True  # heads wider than 256 as matmuls, not the mem-efficient kernel (wide_attention)
+    pad_narrow_convs: bool = False  # convs with 3/4 channels run padded to 8 channels, exactly (models/narrow_conv.py)
     inductor_config: dict = field(default_factory=dict)  # extra torch._inductor.config settings for the compile
 
     def __post_init__(self) -> None:
@@ -120,9 +126,20 @@ class FastPathOptions:
 
             if self.compile is None:
                 raise ConfigError("inductor_config configures torch.compile's inductor backend: it needs compile set")
-            unknown = sorted(k for k in self.inductor_config if not hasattr(inductor_config, k))
+            unknown = sorted(k for k in self.inductor_config if not has_inductor_setting(k, inductor_config))
             if unknown:
                 raise ConfigError(f"inductor_config: {unknown} are not torch._inductor.config settings (see its docs)")
+
+
+def has_inductor_setting(name: str, config=None) -> bool:
+    """Whether ``name`` (dotted for a nested setting, e.g. ``"triton.enable_pdl"``) is a ``torch._inductor.config``
+    setting in this torch."""
+    if config is None:
+        import torch._inductor.config as config
+    head, _, rest = name.partition(".")
+    if not hasattr(config, head):
+        return False
+    return has_inductor_setting(rest, getattr(config, head)) if rest else True
 
 
 def inductor_options(mode: str, tuning: bool, extra: dict | None = None) -> dict:
@@ -221,6 +238,8 @@ class OneStepRunner:
                 enable_subpixel_upsample(m)
             if self.options.channel_stats_norm:
                 enable_channel_stats_group_norm(m)
+            if self.options.pad_narrow_convs:  # last: it snapshots the frozen weights, moved and cast
+                enable_padded_narrow_convs(m)
         # A device tensor, so the timestep never forces a host→device copy inside a captured graph.
         self.timestep = torch.full((1,), timestep, device=self.device, dtype=torch.long)
 
