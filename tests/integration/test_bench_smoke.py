@@ -54,6 +54,30 @@ def test_gan_pass_flops_tiny(tmp_path):
     assert "skipped by the stop, per critic update" in (tmp_path / "gan_pass_flops.md").read_text()
 
 
+def test_conv_shapes_tiny_lists_every_conv_and_sums_the_faster_choice(tmp_path):
+    run_bench("conv_shapes.py", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "conv_shapes.json").read_text())
+    assert not report["timed"]  # CPU: shapes only
+    rows = report["rows"]
+    assert {r["part"] for r in rows} == {"unet", "decode"}
+    out_conv = [r for r in rows if r["part"] == "decode" and r["weight"][0] == 3]  # the decoder's conv_out
+    assert len(out_conv) == 1 and out_conv[0]["count"] == 1 and out_conv[0]["names"] == ["decoder.conv_out"]
+    n, cin, h, w = out_conv[0]["input"]
+    assert out_conv[0]["gflop"] == pytest.approx(2 * n * 3 * h * w * cin * 9 / 1e9)
+    assert "| part | input | weight |" in (tmp_path / "conv_shapes.md").read_text()
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from conv_shapes import totals
+
+    timed = [
+        {"part": "decode", "count": 2, "cudnn_us": 10.0, "triton_us": 6.0},
+        {"part": "decode", "count": 1, "cudnn_us": 5.0, "triton_error": "NoValidChoicesError"},
+        {"part": "decode", "count": 3, "skipped": "time budget"},
+    ]
+    t = totals(timed)["decode"]
+    assert t == {"shapes": 2, "calls": 3, "cudnn_us": 25.0, "best_us": 17.0, "triton_wins": 1}
+
+
 def test_norm_study_tiny(tmp_path):
     run_bench("norm_study.py", "--out", str(tmp_path))
     report = json.loads((tmp_path / "norm_study.json").read_text())
