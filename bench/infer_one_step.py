@@ -50,6 +50,7 @@ from common import (
 )
 from crossdistill.export.fast import SD15_SCALE, FastPathOptions, OneStepRunner, has_inductor_setting
 from crossdistill.models.groupnorm import disable_channel_stats_group_norm
+from crossdistill.models.narrow_conv import disable_padded_narrow_convs
 from crossdistill.models.subpixel import disable_subpixel_upsample
 from crossdistill.models.wide_attention import disable_wide_head_matmul_attention
 
@@ -111,7 +112,8 @@ EXTRA_VARIANTS: list[tuple[str, dict, float]] = [
      DEFAULT | dict(inductor_config={"max_autotune_gemm": True, "max_autotune_conv_backends": "ATEN"}), 400),
     # Exact channel padding of the 3/4-channel convs; programmatic dependent launch of inductor's Triton kernels (a
     # kernel's launch overlaps the end of the one before it; needs a torch with that setting, Hopper or newer).
-    # H100, session 9, batch 1: 10.49 / 10.37 / 10.53 ms against the default's 10.43, ties.
+    # H100, session 9, batch 1: padding 10.49 ms, padding + PDL 10.37 and 10.53 ms (the run's "default + PDL" row
+    # kept the padding: restore() did not undo it yet) against the default's 10.43: ties.
     ("default + pad_narrow_convs", DEFAULT | dict(pad_narrow_convs=True), 150),
     *([("default + PDL", DEFAULT | PDL, 150), ("default + pad_narrow_convs + PDL",
        DEFAULT | dict(pad_narrow_convs=True) | PDL, 150)] if has_inductor_setting("triton.enable_pdl") else []),
@@ -157,7 +159,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def restore(unet, vae) -> None:
-    """Undo what a runner did to the shared modules in place (fused q/k/v, sub-pixel upsamplers, norms, processors)."""
+    """Undo what a runner did to the shared modules in place (fused q/k/v, sub-pixel upsamplers, norms, processors,
+    padded convolutions): every variant starts from the stock modules."""
     for m in (unet, vae):
         fused = any(type(p).__name__ == "FusedAttnProcessor2_0" for p in m.attn_processors.values())
         if fused and getattr(m, "original_attn_processors", None):
@@ -165,6 +168,7 @@ def restore(unet, vae) -> None:
         disable_subpixel_upsample(m)
         disable_channel_stats_group_norm(m)
         disable_wide_head_matmul_attention(m)
+        disable_padded_narrow_convs(m)
 
 
 def release(device: torch.device) -> None:

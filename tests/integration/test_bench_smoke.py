@@ -238,3 +238,24 @@ def test_device_kernels_leave_out_the_annotations_the_profiler_mirrors_onto_the_
     assert s["busy_ms"] == pytest.approx(2.5) and s["idle_ms"] == pytest.approx(1.0)  # the 1 ms gap stays idle
     assert s["by_kind_ms"]["NCCL (communication)"] == pytest.approx(0.5)  # once, not twice
     assert s["comm_exposed_ms"] == pytest.approx(0.5)
+
+
+def test_infer_bench_restore_gives_every_variant_the_stock_modules():
+    """A variant's in-place module swaps must not leak into the next variant's runner (the bench shares modules)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.insert(0, str(ROOT / "tests" / "unit"))
+    from test_fast_path import tiny_models
+
+    from crossdistill.export.fast import FastPathOptions, OneStepRunner
+    from infer_one_step import restore
+
+    unet, vae = tiny_models()
+    stock = {n: type(m) for n, m in (*unet.named_modules(), *vae.named_modules())}
+    options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False, fuse_qkv=False,
+                              subpixel_upsample=True, channel_stats_norm=True, wide_head_attention=True,
+                              pad_narrow_convs=True)  # fmt: skip
+    OneStepRunner(unet, vae, options=options)
+    assert {n: type(m) for n, m in (*unet.named_modules(), *vae.named_modules())} != stock
+    restore(unet, vae)
+    assert {n: type(m) for n, m in (*unet.named_modules(), *vae.named_modules())} == stock
+    assert not any(name.startswith("_padded") for name, _ in (*unet.named_buffers(), *vae.named_buffers()))

@@ -3,7 +3,7 @@
 A Stable Diffusion UNet and VAE have a handful of convolutions whose input or output has 3 or 4 channels: the UNet's
 ``conv_in`` (4 → 320) and ``conv_out`` (320 → 4), the VAE decoder's ``post_quant_conv`` (4 → 4) and ``conv_in``
 (4 → 512), and its ``conv_out`` (128 → 3, on the full 512 × 512 image). In channels_last bf16, cuDNN's tensor-core
-kernels want channel counts that are multiples of 8 (16 bytes); other counts take slower kernels.
+kernels want channel counts that are multiples of 8 (16 bytes); other counts can take slower kernels.
 
 Here such a convolution runs with zero input channels appended to its input and weight, and zero output channels
 appended to its weight and bias, and its output sliced back. The appended products are exact zeros, so the result is
