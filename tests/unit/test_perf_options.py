@@ -516,6 +516,26 @@ def test_ddp_run_refuses_an_accelerator_without_the_options_and_a_bf16_hook_torc
                                       sharded=False)  # fmt: skip
 
 
+@pytest.mark.parametrize("key", distill.DDP_KEYS)
+def test_ddp_run_refuses_an_accelerator_missing_any_one_option(key, monkeypatch):
+    """Each train.ddp_* sets one field of accelerate's DDP kwargs, and the check compares every one of them."""
+    import dataclasses
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    assert distill.DDP_KWARGS[key] in {f.name for f in dataclasses.fields(DistributedDataParallelKwargs)}
+    off_default = {"ddp_comm_hook": "fp16", "ddp_bucket_mb": 7, "ddp_static_graph": True,
+                   "ddp_grad_as_bucket_view": True, "ddp_broadcast_buffers": False}  # fmt: skip
+    assert set(off_default) == set(distill.DDP_KEYS)
+    cfg = distill.DistillConfig(train=distill.TrainConfig(**off_default))
+    handler = distill.ddp_kwargs(cfg.train)
+    distill.check_ddp_accelerator(cfg, _accelerator("MULTI_CPU", handler=handler), sharded=False)
+    stale = dataclasses.replace(handler, **{distill.DDP_KWARGS[key]: getattr(distill.ddp_kwargs(distill.TrainConfig()),
+                                                                              distill.DDP_KWARGS[key])})  # fmt: skip
+    with pytest.raises(ConfigError, match="built without them"):
+        distill.check_ddp_accelerator(cfg, _accelerator("MULTI_CPU", handler=stale), sharded=False)
+
+
 def test_bf16_hook_support_follows_torchs_own_check():
     from torch.nn.parallel import DistributedDataParallel
 

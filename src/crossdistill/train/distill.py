@@ -66,7 +66,16 @@ logger = logging.getLogger(__name__)
 # The attention projections of UNet, MMDiT and FLUX blocks (diffusers names): where the fake score's LoRA goes.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 # The DDP wrapping options (train.ddp_*, passed to torch's DistributedDataParallel: ddp_kwargs below).
-DDP_KEYS = ("ddp_comm_hook", "ddp_bucket_mb", "ddp_static_graph", "ddp_grad_as_bucket_view", "ddp_broadcast_buffers")
+# train.ddp_* -> the field of accelerate's DistributedDataParallelKwargs each one sets (ddp_kwargs builds it from this;
+# check_ddp_accelerator compares these fields): a new DDP option is one entry here and its TrainConfig field.
+DDP_KWARGS = {
+    "ddp_comm_hook": "comm_hook",
+    "ddp_bucket_mb": "bucket_cap_mb",
+    "ddp_static_graph": "static_graph",
+    "ddp_grad_as_bucket_view": "gradient_as_bucket_view",
+    "ddp_broadcast_buffers": "broadcast_buffers",
+}
+DDP_KEYS = tuple(DDP_KWARGS)
 # Speed options change how a step runs, not what it computes (up to rounding): a run may resume with them toggled.
 # The module swaps (perf.MODULE_SWAPS) and the DDP options are among them; ddp_comm_hook rounds the all-reduced
 # gradients to bf16 / fp16, a rounding like mixed precision.
@@ -232,15 +241,10 @@ def ddp_kwargs(t: TrainConfig) -> DistributedDataParallelKwargs:
     """accelerate's ``DistributedDataParallelKwargs`` for ``train.ddp_*`` (it hands them to torch's DDP, and
     registers the compression hook, when it wraps a model under DDP; FSDP and one process ignore it)."""
     check_ddp_options(t)
-    hook = {"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
-            "bf16": DDPCommunicationHookType.BF16}[t.ddp_comm_hook]  # fmt: skip
-    return DistributedDataParallelKwargs(
-        bucket_cap_mb=t.ddp_bucket_mb,
-        static_graph=t.ddp_static_graph,
-        gradient_as_bucket_view=t.ddp_grad_as_bucket_view,
-        broadcast_buffers=t.ddp_broadcast_buffers,
-        comm_hook=hook,
-    )
+    values = {field: getattr(t, key) for key, field in DDP_KWARGS.items()}
+    values["comm_hook"] = {"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
+                           "bf16": DDPCommunicationHookType.BF16}[t.ddp_comm_hook]  # fmt: skip
+    return DistributedDataParallelKwargs(**values)
 
 
 def bf16_comm_hook_supported() -> bool:
@@ -287,8 +291,7 @@ def check_ddp_accelerator(cfg: DistillConfig, accelerator, *, sharded: bool) -> 
             "2.10 (or XPU with XCCL), and this torch is not one: --set train.ddp_comm_hook=fp16 (or none)"
         )
     want, have = ddp_kwargs(cfg.train), getattr(accelerator, "ddp_handler", None)
-    fields = ("bucket_cap_mb", "static_graph", "gradient_as_bucket_view", "broadcast_buffers", "comm_hook")
-    if have is None or any(getattr(have, f) != getattr(want, f) for f in fields):
+    if have is None or any(getattr(have, f) != getattr(want, f) for f in DDP_KWARGS.values()):
         raise ConfigError(
             f"{', '.join(chosen)} set, but the accelerator given to the trainer was built without them: "
             "build it with crossdistill.train.distill.make_accelerator(cfg, run_dir)"
