@@ -96,14 +96,11 @@ def enable_padded_narrow_convs(module: nn.Module) -> int:
 
 def disable_padded_narrow_convs(module: nn.Module) -> int:
     """Undo :func:`enable_padded_narrow_convs` (the snapshots go); returns how many went back to ``nn.Conv2d``."""
-    count = 0
     for m in module.modules():
         if type(m) is PaddedNarrowConv2d:
             for name in ("_padded_weight", "_padded_bias"):
                 m._buffers.pop(name, None)
-            m.__class__ = nn.Conv2d
-            count += 1
-    return count
+    return swap_classes(module, lambda m: type(m) is PaddedNarrowConv2d, nn.Conv2d)
 
 
 __all__ = ["PaddedNarrowConv2d", "disable_padded_narrow_convs", "enable_padded_narrow_convs", "padded"]

@@ -65,9 +65,9 @@ logger = logging.getLogger(__name__)
 
 # The attention projections of UNet, MMDiT and FLUX blocks (diffusers names): where the fake score's LoRA goes.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-# The DDP wrapping options (train.ddp_*, passed to torch's DistributedDataParallel: ddp_kwargs below).
-# train.ddp_* -> the field of accelerate's DistributedDataParallelKwargs each one sets (ddp_kwargs builds it from this;
-# check_ddp_accelerator compares these fields): a new DDP option is one entry here and its TrainConfig field.
+# The DDP wrapping options: train.ddp_* -> the field of accelerate's DistributedDataParallelKwargs each one sets, which
+# torch's DistributedDataParallel gets (ddp_kwargs builds it from this; check_ddp_accelerator compares these fields).
+# A new DDP option is one entry here and its TrainConfig field.
 DDP_KWARGS = {
     "ddp_comm_hook": "comm_hook",
     "ddp_bucket_mb": "bucket_cap_mb",
