@@ -117,6 +117,13 @@ EXTRA_VARIANTS: list[tuple[str, dict, float]] = [
     ("default + pad_narrow_convs", DEFAULT | dict(pad_narrow_convs=True), 150),
     *([("default + PDL", DEFAULT | PDL, 150), ("default + pad_narrow_convs + PDL",
        DEFAULT | dict(pad_narrow_convs=True) | PDL, 150)] if has_inductor_setting("triton.enable_pdl") else []),
+    # The decode compiled as its own graph (the UNet + x0 keep the default): alone, as the control for the split,
+    # and with max-autotune, whose Triton convolution templates timed alone beat cuDNN on some decoder shapes
+    # (bench/conv_shapes.py); autotuning the decoder's ~15 conv shapes costs far less than the whole step's.
+    ("default, decode compiled apart", DEFAULT | dict(decode_inductor_config={"max_autotune": False}), 150),
+    ("default + decode max_autotune", DEFAULT | dict(decode_inductor_config={"max_autotune": True}), 400),
+    *([("default + decode max_autotune + PDL", DEFAULT | PDL | dict(decode_inductor_config={"max_autotune": True}),
+        400)] if has_inductor_setting("triton.enable_pdl") else []),
 ]  # fmt: skip
 SPLIT_COST_S = 140  # two more compiled + captured graphs (UNet part, decode part) per batch size
 PROFILE_COST_S = 15

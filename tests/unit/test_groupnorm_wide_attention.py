@@ -159,3 +159,32 @@ def test_inductor_config_is_checked_and_merged():
         runner = OneStepRunner(unet, vae, options=FastPathOptions(**(CPU | dict(compile="default")),
                                                                   inductor_config={"freezing": True}))  # fmt: skip
     assert runner._step == runner._eager_step
+
+
+def test_decode_inductor_config_compiles_the_decode_apart(monkeypatch):
+    with pytest.raises(ConfigError, match="decode_inductor_config.*needs compile"):
+        FastPathOptions(compile=None, cuda_graphs=False, decode_inductor_config={"max_autotune": True})
+    with pytest.raises(ConfigError, match="decode_inductor_config.*no_such_setting"):
+        FastPathOptions(decode_inductor_config={"no_such_setting": 1})
+    unet, vae = tiny_models()
+    options = FastPathOptions(**(CPU | dict(compile="default")), inductor_config={"freezing": True},
+                              decode_inductor_config={"max_autotune": True})  # fmt: skip
+    with pytest.warns(UserWarning, match="decode_inductor_config ignored"):
+        runner = OneStepRunner(unet, vae, options=options)
+    calls = []
+
+    def recording_compile(fn, *, options=None, mode=None, dynamic=None):
+        calls.append((fn.__name__, options, mode, dynamic))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    step = runner._compile("default")  # what a CUDA runner builds
+    assert [(name, o.get("freezing"), o.get("max_autotune", False)) for name, o, _, _ in calls] == [
+        ("_x0", True, False),  # the UNet keeps the step's settings
+        ("_decode", True, True),  # the decode gets its own on top
+    ]
+    embeds, noise = torch.randn(2, 5, 16), torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(step(embeds, noise), runner._eager_step(embeds, noise), rtol=0, atol=0)
+    calls.clear()
+    runner.options = FastPathOptions(**(CPU | dict(compile="default")))
+    assert runner._compile("default") == runner._eager_step and calls == [("_eager_step", None, "default", False)]

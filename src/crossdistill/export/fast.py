@@ -29,6 +29,10 @@ memory. The options below remove those costs one at a time (docs/performance.md 
 - ``inductor_config``: any other ``torch._inductor.config`` settings for this runner's compilations, passed the same
   way (e.g. ``{"conv_1x1_as_mm": True}``, ``{"freezing": True}``, or a nested one by its dotted name,
   ``{"triton.enable_pdl": True}``); unknown names are a ``ConfigError``;
+- ``decode_inductor_config``: settings for the VAE decode's compilation only, on top of ``inductor_config`` (e.g.
+  ``{"max_autotune": True}``: Triton convolution templates timed against cuDNN for the decoder's ~15 convolution
+  shapes, at a fraction of the whole step's autotuning time). When set, the UNet + x0 formula and the decode compile
+  as two graphs, called one after the other (and captured together in one CUDA graph);
 - ``subpixel_upsample``: every "nearest ×2 upsample + 3×3 conv" of the UNet and the VAE decoder runs as one 2×2
   conv with four times the output channels and an interleave (:mod:`crossdistill.models.subpixel`): the same
   arithmetic with 4/9 of those convs' multiply-adds (−15 % of the decode's FLOPs, −4 % of the UNet's), equal up to
@@ -110,6 +114,7 @@ class FastPathOptions:
     wide_head_attention: bool = True  # heads wider than 256 as matmuls, not the mem-efficient kernel (wide_attention)
     pad_narrow_convs: bool = False  # convs with 3/4 channels run padded to 8 channels, exactly (models/narrow_conv.py)
     inductor_config: dict = field(default_factory=dict)  # extra torch._inductor.config settings for the compile
+    decode_inductor_config: dict = field(default_factory=dict)  # more settings for the decode only (its own graph)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -121,14 +126,15 @@ class FastPathOptions:
             raise ConfigError(f"compile mode {self.compile!r} captures its own CUDA graphs: set cuda_graphs=False")
         if self.inductor_tuning and self.compile is None:
             raise ConfigError("inductor_tuning configures torch.compile's inductor backend: it needs compile set")
-        if self.inductor_config:
-            import torch._inductor.config as inductor_config
-
+        for name in ("inductor_config", "decode_inductor_config"):
+            settings = getattr(self, name)
+            if not settings:
+                continue
             if self.compile is None:
-                raise ConfigError("inductor_config configures torch.compile's inductor backend: it needs compile set")
-            unknown = sorted(k for k in self.inductor_config if not has_inductor_setting(k, inductor_config))
+                raise ConfigError(f"{name} configures torch.compile's inductor backend: it needs compile set")
+            unknown = sorted(k for k in settings if not has_inductor_setting(k))
             if unknown:
-                raise ConfigError(f"inductor_config: {unknown} are not torch._inductor.config settings (see its docs)")
+                raise ConfigError(f"{name}: {unknown} are not torch._inductor.config settings (see its docs)")
 
 
 def has_inductor_setting(name: str, config=None) -> bool:
@@ -215,6 +221,7 @@ class OneStepRunner:
             ("cuda_graphs", self.options.cuda_graphs),
             ("inductor_tuning", self.options.inductor_tuning),
             ("inductor_config", bool(self.options.inductor_config)),
+            ("decode_inductor_config", bool(self.options.decode_inductor_config)),
         )
         ignored = [name for name, on in cuda_only if on]
         if not on_cuda and ignored:
@@ -246,14 +253,23 @@ class OneStepRunner:
         self._compiled_graphs = compile_mode in ("reduce-overhead", "max-autotune")
         self._step: Callable[[Tensor, Tensor], Tensor] = self._eager_step
         if compile_mode is not None:
-            # dynamic=False: each batch size gets its own specialised kernels (a handful of shapes in practice).
-            if self.options.inductor_tuning or self.options.inductor_config:  # mode or options, not both
-                options = inductor_options(compile_mode, self.options.inductor_tuning, self.options.inductor_config)
-                self._step = torch.compile(self._eager_step, options=options, dynamic=False)
-            else:
-                self._step = torch.compile(self._eager_step, mode=compile_mode, dynamic=False)
+            self._step = self._compile(compile_mode)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def _compile(self, mode: str) -> Callable[[Tensor, Tensor], Tensor]:
+        """The step under ``torch.compile`` in ``mode`` with this runner's inductor settings."""
+        # dynamic=False: each batch size gets its own specialised kernels (a handful of shapes in practice).
+        opts = self.options
+        if opts.decode_inductor_config:  # two graphs: the decode's with its own settings
+            base = inductor_options(mode, opts.inductor_tuning, opts.inductor_config)
+            x0 = torch.compile(self._x0, options=base, dynamic=False)
+            decode = torch.compile(self._decode, options=base | opts.decode_inductor_config, dynamic=False)
+            return lambda prompt_embeds, noise: decode(x0(prompt_embeds, noise))
+        if opts.inductor_tuning or opts.inductor_config:  # mode or options, not both
+            options = inductor_options(mode, opts.inductor_tuning, opts.inductor_config)
+            return torch.compile(self._eager_step, options=options, dynamic=False)
+        return torch.compile(self._eager_step, mode=mode, dynamic=False)
 
     def _eager_step(self, prompt_embeds: Tensor, noise: Tensor) -> Tensor:
         """The whole one-step computation, written once; every option runs exactly this function."""
