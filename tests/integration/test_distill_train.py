@@ -9,6 +9,7 @@ import pytest
 import torch
 from distill_common import tiny_config
 
+from crossdistill.config import apply_overrides
 from crossdistill.train import distill
 from crossdistill.train.distill import DistillTrainer
 from crossdistill.train.stats import read_stats
@@ -104,6 +105,24 @@ def test_generator_gan_pass_computes_no_critic_weight_gradient(tmp_path, monkeyp
     trainable, critic_trainable = generator_grads()
     assert not any(critic_frozen) and any(critic_trainable)
     assert len(frozen) == len(trainable) > 0 and all(torch.equal(a, b) for a, b in zip(frozen, trainable))
+
+
+def test_gan_with_gradient_checkpointing_trains_as_without(tmp_path):
+    """The real presets checkpoint the fake score. The generator's GAN pass then keeps the critic's weights
+    trainable (a frozen forward and its recompute in the backward would save different tensors: torch raised a
+    CheckpointError in the first generator update), and the run follows the one without checkpointing."""
+    cfg = tiny_config(tmp_path, f"data.real_images={_real_images(tmp_path)}", "train.gan_weight=0.1",
+                      "model.fake_score=lora", "model.lora_rank=4", cross=True)  # fmt: skip
+    runs = []
+    for checkpointing in (False, True):
+        trainer = DistillTrainer(apply_overrides(cfg, [f"train.gradient_checkpointing={checkpointing}"]),
+                                 tmp_path / f"run_{checkpointing}")  # fmt: skip
+        runs.append([trainer.train_step(step) for step in range(1, 5)])
+    assert "loss/gan_g" in runs[1][0] and "grad_norm/generator" in runs[1][0]
+    for plain, checkpointed in zip(*runs):
+        assert checkpointed.keys() == plain.keys()
+        for key in plain:
+            assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5), key
 
 
 def test_gan_passes_under_compile_keep_the_eager_losses(tmp_path, monkeypatch):

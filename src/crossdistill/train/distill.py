@@ -690,7 +690,12 @@ class DistillTrainer:
         update would zero (17.1 TFLOP for the SD3.5-M fake score at batch 4, bench/gan_pass_flops.py). Under DDP the
         forward also runs in ``no_sync``: DDP waits for no critic gradient. Under FSDP2 the weights keep
         ``requires_grad`` (freezing sharded parameters for one pass is not tried) and their gradients are
-        reduce-scattered as before (FSDP2 finalises blocks that got none)."""
+        reduce-scattered as before (FSDP2 finalises blocks that got none).
+
+        With ``train.gradient_checkpointing`` the weights keep ``requires_grad`` too: the checkpointed blocks are
+        recomputed in the backward, after the pass, and a recompute with the weights requiring grad saves other
+        tensors than the frozen forward did (torch's CheckpointError). Their gradients are computed and dropped by the
+        critic update's ``zero_grad``, as under FSDP2."""
         block = feature_module(self.fake_denoiser.backbone)
 
         def logits(denoiser: Denoiser) -> Tensor:
@@ -700,7 +705,9 @@ class DistillTrainer:
 
         if self.sharded:
             return self.fake(logits)
-        with self.accelerator.no_sync(self.fake), weights_frozen(self.critic_params):
+        checkpointed = self.cfg.train.gradient_checkpointing
+        frozen = contextlib.nullcontext() if checkpointed else weights_frozen(self.critic_params)
+        with self.accelerator.no_sync(self.fake), frozen:
             return self.fake(logits)
 
     def generator_loss(self, batch: dict, gen: torch.Generator) -> tuple[Tensor, dict]:
