@@ -193,7 +193,8 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
         row["critic_steps_per_generator_step"] = k
         row["one_plus_one_ms"] = g + c
         row["cycle_ms"] = g + k * c  # one generator update and its k critic updates
-        row["samples_per_s_generator"] = WORLD * args.batch / (row["cycle_ms"] * 1e-3)  # every process's batch
+        accumulation = trainer.cfg.train.gradient_accumulation_steps  # micro-batches of args.batch per update
+        row["samples_per_s_generator"] = WORLD * args.batch * accumulation / (row["cycle_ms"] * 1e-3)
         row["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
         row["sharded"] = trainer.sharded
         if WORLD > 1:  # every rank's peak; the FLOPs are counted on one GPU (the same arithmetic per process)

@@ -145,3 +145,62 @@ def test_gan_passes_under_compile_keep_the_eager_losses(tmp_path, monkeypatch):
         assert eager.keys() == comp.keys()
         for k in eager:
             assert comp[k] == pytest.approx(eager[k], rel=1e-5, abs=1e-7), k
+
+
+def record_grads_at_step(monkeypatch, optimizer, params: list[torch.Tensor]) -> dict:
+    """Patch ``optimizer.step`` to copy the gradients of ``params`` into the returned dict (key "grads") first."""
+    seen: dict = {}
+    step = optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen["grads"] = [None if p.grad is None else p.grad.clone() for p in params]
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "step", recording_step)
+    return seen
+
+
+def test_gradient_accumulation_averages_the_micro_batches_and_syncs_once(tmp_path, monkeypatch):
+    """train.gradient_accumulation_steps=2: the optimiser steps on the mean of the two micro-batches' gradients (each
+    drawn from the update's generator in turn), the logs are their means, and every micro-batch but the last runs
+    in no_sync of the modules that update trains (so DDP all-reduces once per update)."""
+    common = ("model.fake_score=lora", "model.lora_rank=4", "train.max_grad_norm=0", "train.cotrain_bridge=true",
+              "data.real_images=emoji:train", "data.max_real_images=8")  # fmt: skip
+    cfg = tiny_config(tmp_path, *common, cross=True)  # one random Bridge on disk for every trainer
+    entered = []
+
+    @contextlib.contextmanager
+    def recording_no_sync(module):
+        entered.append(module)
+        yield
+
+    for name, params, opt, loss_fn, step_fn, synced in [
+        ("critic", "critic_params", "opt_c", "critic_loss", "critic_step", lambda t: [t.fake]),
+        ("generator", "gen_params", "opt_g", "generator_loss", "generator_step", lambda t: [t.generator, t.bridge]),
+    ]:
+        # fresh trainers for each update (one update changes what the other computes); the same seeds: same weights
+        acc = DistillTrainer(apply_overrides(cfg, ["train.gradient_accumulation_steps=2"]), tmp_path / f"a_{name}")
+        ref = DistillTrainer(cfg, tmp_path / f"b_{name}")
+        monkeypatch.setattr(acc.accelerator, "no_sync", recording_no_sync)
+        seen = record_grads_at_step(monkeypatch, getattr(acc, opt), getattr(acc, params))
+        entered.clear()
+        logs = getattr(acc, step_fn)(1)
+        assert entered == synced(acc)  # the first micro-batch only, each module that gets gradients
+
+        # the same two draws on a trainer without accumulation (same weights: same seeds), each backward alone
+        gen = distill.step_generator(0, 0, 1, ref.accelerator.device, name)
+        expected = [torch.zeros_like(p) for p in getattr(ref, params)]
+        micro_logs = []
+        for _ in range(2):
+            loss, micro = getattr(ref, loss_fn)(ref.batch(gen), gen)
+            micro_logs.append(micro)
+            grads = torch.autograd.grad(loss, getattr(ref, params), allow_unused=True)
+            expected = [e + (0 if g is None else g / 2) for e, g in zip(expected, grads)]
+        assert len(seen["grads"]) == len(expected) > 0
+        for got, want in zip(seen["grads"], expected):
+            torch.testing.assert_close(torch.zeros_like(want) if got is None else got, want, rtol=1e-5, atol=1e-7)
+        for key in micro_logs[0]:
+            assert logs[key] == pytest.approx((micro_logs[0][key] + micro_logs[1][key]) / 2, rel=1e-6), key
+        assert micro_logs[0][f"loss/{'fake' if name == 'critic' else 'dm'}"] != micro_logs[1][
+            f"loss/{'fake' if name == 'critic' else 'dm'}"]  # two different micro-batches
+        assert logs[f"grad_norm/{name}"] > 0

@@ -64,10 +64,10 @@ def assert_close(a: list[dict], b: list[dict]) -> None:
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-7), (step, k, x[k], y[k])
 
 
-def write_config(folder: Path, fake_score: str, ema: float) -> Path:
+def write_config(folder: Path, fake_score: str, ema: float, *extra: str) -> Path:
     reals = "data.real_images=emoji:train"
     cfg = tiny_config(folder, "train.cpu=true", f"model.fake_score={fake_score}", "model.lora_rank=4",
-                      "train.gan_weight=0.1", reals, "data.max_real_images=8", f"train.ema_decay={ema}",
+                      "train.gan_weight=0.1", reals, "data.max_real_images=8", f"train.ema_decay={ema}", *extra,
                       cross=True)  # fmt: skip
     config = folder / "distill.json"
     save_config(cfg, config)
@@ -130,6 +130,9 @@ def lora_ddp_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora_ddp")
     config = write_config(folder, "lora", 0.9)
     ddp_runs = write_ddp_configs(folder, "fp16", "train.cpu=true", *DDP_COTRAIN)
+    ddp_runs.append(folder / "accum.json")  # gradient accumulation, with the GAN's own no_sync pass inside
+    save_config(tiny_config(folder, *DDP_BASE, "train.cpu=true", *DDP_COTRAIN, "train.gan_weight=0.1",
+                            "train.gradient_accumulation_steps=2", cross=True), ddp_runs[-1])  # fmt: skip
     info = launch(config, folder / "ddp", fsdp=False, ddp_runs=ddp_runs)
     return config, folder / "ddp", info
 
@@ -189,6 +192,29 @@ def test_ddp_options_reach_torch_and_keep_the_trajectory(lora_ddp_run):
     distill.bf16_comm_hook_supported; test_bf16_comm_hook_on_two_gpus runs it.)"""
     _, ddp_dir, _ = lora_ddp_run
     check_ddp_runs(ddp_dir, "fp16", COMPRESSED_REL)
+
+
+def test_gradient_accumulation_under_ddp_keeps_the_ranks_in_step(lora_ddp_run):
+    """Two micro-batches per update, the first in no_sync: the last backward's all-reduce still gives both ranks the
+    same averaged gradients (equal norms, bit for bit), while each rank trained on its own micro-batches."""
+    _, ddp_dir, _ = lora_ddp_run
+    ranks = [json.loads((ddp_dir / f"rank_{r}.json").read_text())["ddp_runs"]["accum"]["logs"] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 4
+    for step, (a, b) in enumerate(zip(*ranks), 1):
+        norms = [k for k in a if k.startswith("grad_norm/")]
+        assert "grad_norm/critic" in norms and all(a[k] == b[k] for k in norms), (step, a, b)
+        assert a["loss/fake"] != b["loss/fake"]
+    assert sum("grad_norm/generator" in logs for logs in ranks[0]) == 2 and "loss/gan_g" in ranks[0][0]
+
+
+def test_fsdp_accumulates_gradients_as_ddp(tmp_path):
+    """train.gradient_accumulation_steps=2 under FSDP2 (every micro-batch's backward reduce-scatters into the sharded
+    gradients) follows DDP (the first micro-batch in no_sync), with the GAN and EMA on."""
+    config = write_config(tmp_path, "lora", 0.9, "train.gradient_accumulation_steps=2")
+    launch(config, tmp_path / "ddp", fsdp=False)
+    launch(config, tmp_path / "fsdp", fsdp=True)
+    assert_close(losses(tmp_path / "ddp"), losses(tmp_path / "fsdp"))
+    assert len(losses(tmp_path / "ddp")) == 4
 
 
 @pytest.mark.multi_gpu

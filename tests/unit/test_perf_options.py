@@ -473,6 +473,19 @@ def test_static_graph_is_refused_with_the_gan_and_why():
     distill.check_config(cfg)
 
 
+def test_gradient_accumulation_steps_are_checked():
+    """>= 1; and not with DDP's static graph: torch's static-graph reducer fails under no_sync, which the micro-batches
+    before the last run in (a plain two-process DDP model, static_graph=True, one no_sync backward then a synced one:
+    the same reducer.cpp INTERNAL ASSERT as with the GAN, torch 2.13 on gloo)."""
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match=rf"gradient_accumulation_steps must be >= 1.*got {bad}"):
+            distill.check_config(_ddp_config(gradient_accumulation_steps=bad))
+    distill.check_config(_ddp_config(gradient_accumulation_steps=4))
+    distill.check_config(_ddp_config(gradient_accumulation_steps=1, ddp_static_graph=True))
+    with pytest.raises(ConfigError, match=r"ddp_static_graph=true cannot run with train.gradient_accumulation_steps"):
+        distill.check_config(_ddp_config(gradient_accumulation_steps=2, ddp_static_graph=True))
+
+
 def _accelerator(kind: str, processes: int = 2, handler=None):
     from types import SimpleNamespace
 

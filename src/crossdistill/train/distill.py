@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -113,6 +113,9 @@ class ModelConfig:
 class TrainConfig:
     max_steps: int = 1000  # critic updates; the generator is updated every critic_steps_per_generator_step of them
     batch_size: int = 4  # per process
+    # micro-batches of batch_size per update, gradients averaged before one optimiser step (the same memory as one;
+    # under DDP one all-reduce per update). Samples per update: batch_size x this x processes
+    gradient_accumulation_steps: int = 1
     lr_generator: float = 1e-5  # AdamW learning rate of G_θ (and of B_φ when co-trained)
     lr_critic: float = 1e-5  # AdamW learning rate of the fake score (and GAN head)
     weight_decay: float = 0.01  # AdamW weight decay of both optimisers (DMD2's value)
@@ -196,6 +199,10 @@ def check_config(cfg: DistillConfig) -> None:
         raise ConfigError(f"need 0 <= train.t_min < train.t_max <= 1, got {t.t_min}, {t.t_max}")
     if t.critic_steps_per_generator_step < 1 or t.batch_size < 1 or t.max_steps < 0:
         raise ConfigError("train.critic_steps_per_generator_step and train.batch_size must be >= 1")
+    if t.gradient_accumulation_steps < 1:
+        raise ConfigError(
+            f"train.gradient_accumulation_steps must be >= 1 (1: no accumulation), got {t.gradient_accumulation_steps}"
+        )
     if m.fake_score != "lora":
         warn_ignored(cfg, "model.lora_rank", "model.fake_score is not 'lora'")
     if t.gan_weight <= 0:
@@ -215,6 +222,13 @@ def check_config(cfg: DistillConfig) -> None:
             "critic's blocks past the feature block get none), and DDP's static graph wants one synchronised backward "
             "of the same parameters every step (torch fails in its reducer: 'expect_autograd_hooks_ INTERNAL ASSERT "
             "FAILED'). --set train.ddp_static_graph=false, or train.gan_weight=0"
+        )
+    if t.ddp_static_graph and t.gradient_accumulation_steps > 1:
+        raise ConfigError(
+            "train.ddp_static_graph=true cannot run with train.gradient_accumulation_steps > 1: the micro-batches "
+            "before the last run under DDP's no_sync, which torch's static-graph reducer does not take (the same "
+            "INTERNAL ASSERT as with the GAN). --set train.ddp_static_graph=false, or "
+            "train.gradient_accumulation_steps=1"
         )
 
 
@@ -761,11 +775,33 @@ class DistillTrainer:
         return loss + t.gan_critic_weight * loss_d, logs
 
     # ---- updates ----------------------------------------------------------------------------------------------------
-    def _update(self, loss: Tensor, logs: dict, opt, params: list[Tensor], name: str, step: int) -> dict:
-        """Backward, clip and step one optimiser, unless the loss is NaN/inf (then the step is skipped)."""
+    def _update(self, micro_batch: Callable[[], tuple[Tensor, dict]], opt, params: list[Tensor], name: str,
+                step: int, synced: list[nn.Module]) -> dict:
+        """One optimiser update: backward ``train.gradient_accumulation_steps`` micro-batches (each ``micro_batch()``
+        draws its batch and returns its loss and logs; gradients averaged over them), clip and step, unless a loss is
+        NaN/inf (then the update is skipped). Logs: each value averaged over the micro-batches, and the grad norm.
+
+        Under DDP the micro-batches before the last run in ``no_sync`` of ``synced`` (the wrapped modules that get
+        gradients in this update): one all-reduce per update. Under FSDP2 every backward reduce-scatters, so the
+        gradients stay sharded (the memory of one micro-batch). The guard decides for every process at once, before
+        the last backward, so all processes take or skip it alike."""
+        k = self.cfg.train.gradient_accumulation_steps
         opt.zero_grad(set_to_none=True)  # also drops grads the other update left (the GAN path reaches the critic)
-        if self.guard.check({f"loss/{name}": loss}, step):
-            self.accelerator.backward(loss)
+        losses, micro_logs = {}, []
+        for i in range(k):
+            last = i == k - 1
+            with contextlib.ExitStack() as no_sync:
+                if not (last or self.sharded):
+                    for module in synced:
+                        no_sync.enter_context(self.accelerator.no_sync(module))
+                with self.accelerator.autocast():
+                    loss, logs = micro_batch()
+                micro_logs.append(logs)
+                losses[f"loss/{name}" if k == 1 else f"loss/{name}[{i}]"] = loss.detach()
+                if last and not self.guard.check(losses, step):
+                    break  # no process runs the synchronised backward
+                self.accelerator.backward(loss / k)
+        else:
             max_norm = self.cfg.train.max_grad_norm
             max_norm = max_norm if max_norm > 0 else float("inf")
             if self.sharded:  # accelerate clips only a whole model's parameters (not a LoRA's) under FSDP
@@ -774,17 +810,17 @@ class DistillTrainer:
             else:
                 norm = self.accelerator.clip_grad_norm_(params, max_norm)
             opt.step()
-            logs[f"grad_norm/{name}"] = float(norm)
+            micro_logs[-1][f"grad_norm/{name}"] = float(norm)
         opt.zero_grad(set_to_none=True)
-        return logs
+        return {key: sum(logs[key] for logs in micro_logs if key in logs) / sum(key in logs for logs in micro_logs)
+                for key in micro_logs[-1]}  # fmt: skip
 
     def generator_step(self, step: int) -> dict:
         gen = step_generator(self.cfg.train.seed, self.accelerator.process_index, step, self.accelerator.device,
                              "generator")  # fmt: skip
-        batch = self.batch(gen)
-        with self.accelerator.autocast():
-            loss, logs = self.generator_loss(batch, gen)
-        logs = self._update(loss, logs, self.opt_g, self.gen_params, "generator", step)
+        synced = [self.generator, self.bridge] if self.cfg.train.cotrain_bridge else [self.generator]
+        logs = self._update(lambda: self.generator_loss(self.batch(gen), gen), self.opt_g, self.gen_params,
+                            "generator", step, synced)  # fmt: skip
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.generator_denoiser.parameters()):
@@ -794,10 +830,8 @@ class DistillTrainer:
     def critic_step(self, step: int) -> dict:
         gen = step_generator(self.cfg.train.seed, self.accelerator.process_index, step, self.accelerator.device,
                              "critic")  # fmt: skip
-        batch = self.batch(gen)
-        with self.accelerator.autocast():
-            loss, logs = self.critic_loss(batch, gen)
-        return self._update(loss, logs, self.opt_c, self.critic_params, "critic", step)
+        return self._update(lambda: self.critic_loss(self.batch(gen), gen), self.opt_c, self.critic_params, "critic",
+                            step, [self.fake])  # fmt: skip
 
     def train_step(self, step: int) -> dict:
         """Step ``step`` (from 1): a generator update every ``critic_steps_per_generator_step`` steps, then a critic
