@@ -157,6 +157,12 @@ def make_trainer(args, overrides: list[str], work: Path):
         distill.load_space = original
 
 
+def progress(clock: Clock, name: str, message: str) -> None:
+    """One line on rank 0 while a variant runs (a run cut off by a call's time limit still tells how far it got)."""
+    if RANK == 0:
+        print(f"[{clock.elapsed():5.0f} s] {name}: {message}", flush=True)
+
+
 def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float, clock: Clock) -> dict:
     row: dict = {"name": name, "overrides": overrides, "set": list(args.set), "preset": args.preset,
                  "batch": args.batch, "world_size": WORLD}  # fmt: skip
@@ -173,6 +179,7 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
             trainer.critic_step(1)
             sync(device)
             row["first_updates_s"] = time.monotonic() - t0  # compile (when on) and optimizer-state allocation
+            progress(clock, name, f"first updates done in {row['first_updates_s']:.0f} s; timing")
             # fresh step numbers: each update draws its own batch and noise
             steps = itertools.count(2)
             row["generator_update"] = time_ms(lambda: trainer.generator_step(next(steps)), device, warmup=1,
@@ -180,6 +187,9 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
             row["critic_update"] = time_ms(lambda: trainer.critic_step(next(steps)), device, warmup=1,
                                            iters=args.iters)  # fmt: skip
             row["peak_gb"] = peak_memory_gb(device)
+            peak = "–" if row["peak_gb"] is None else f"{row['peak_gb']:.1f} GiB"
+            progress(clock, name, f"timed: generator {row['generator_update']['ms']:.0f} ms, critic "
+                                  f"{row['critic_update']['ms']:.0f} ms, peak {peak}")  # fmt: skip
         if args.profile:  # after the peak: every rank runs the updates (DDP's collectives); rank 0's kernels reported
             try:
                 row["profile"] = {
