@@ -31,8 +31,9 @@ memory. The options below remove those costs one at a time (docs/performance.md 
   ``{"triton.enable_pdl": True}``); unknown names are a ``ConfigError``;
 - ``decode_inductor_config``: settings for the VAE decode's compilation only, on top of ``inductor_config`` (e.g.
   ``{"max_autotune": True}``: Triton convolution templates timed against cuDNN for the decoder's ~15 convolution
-  shapes, at a fraction of the whole step's autotuning time). When set, the UNet + x0 formula and the decode compile
-  as two graphs, called one after the other (and captured together in one CUDA graph);
+  shapes, at a fraction of the whole step's autotuning time; on an H100 a tie with the default, inductor keeping
+  cuDNN for the large convolutions). When set, the UNet + x0 formula and the decode compile as two graphs, called one
+  after the other (and captured together in one CUDA graph);
 - ``subpixel_upsample``: every "nearest ×2 upsample + 3×3 conv" of the UNet and the VAE decoder runs as one 2×2
   conv with four times the output channels and an interleave (:mod:`crossdistill.models.subpixel`): the same
   arithmetic with 4/9 of those convs' multiply-adds (−15 % of the decode's FLOPs, −4 % of the UNet's), equal up to
