@@ -73,6 +73,7 @@ FUSE = dict(fuse_qkv=True)
 TUNING = dict(inductor_tuning=True)
 SUB = dict(subpixel_upsample=True)
 PDL = dict(inductor_config={"triton.enable_pdl": True})
+HAS_PDL = has_inductor_setting("triton.enable_pdl")  # an inductor setting of torch 2.11 and later
 
 # Costs: on the 16-core H100 machine a cold compile in mode "default" took ~65 s per batch size (two sizes here);
 # coordinate-descent tuning compiles and benchmarks variants of every Triton kernel, max-autotune also every
@@ -116,14 +117,14 @@ EXTRA_VARIANTS: list[tuple[str, dict, float]] = [
     # kept the padding: restore() did not undo it yet) against the default's 10.43: ties.
     ("default + pad_narrow_convs", DEFAULT | dict(pad_narrow_convs=True), 150),
     *([("default + PDL", DEFAULT | PDL, 150), ("default + pad_narrow_convs + PDL",
-       DEFAULT | dict(pad_narrow_convs=True) | PDL, 150)] if has_inductor_setting("triton.enable_pdl") else []),
+       DEFAULT | dict(pad_narrow_convs=True) | PDL, 150)] if HAS_PDL else []),
     # The decode compiled as its own graph (the UNet + x0 keep the default): alone, as the control for the split,
     # and with max-autotune, whose Triton convolution templates timed alone beat cuDNN on some decoder shapes
     # (bench/conv_shapes.py); autotuning the decoder's ~15 conv shapes costs far less than the whole step's.
     ("default, decode compiled apart", DEFAULT | dict(decode_inductor_config={"max_autotune": False}), 150),
     ("default + decode max_autotune", DEFAULT | dict(decode_inductor_config={"max_autotune": True}), 400),
     *([("default + decode max_autotune + PDL", DEFAULT | PDL | dict(decode_inductor_config={"max_autotune": True}),
-        400)] if has_inductor_setting("triton.enable_pdl") else []),
+        400)] if HAS_PDL else []),
 ]  # fmt: skip
 SPLIT_COST_S = 140  # two more compiled + captured graphs (UNet part, decode part) per batch size
 PROFILE_COST_S = 15

@@ -174,10 +174,11 @@ def test_gradient_accumulation_averages_the_micro_batches_and_syncs_once(tmp_pat
         entered.append(module)
         yield
 
-    for name, params, opt, loss_fn, step_fn, synced in [
-        ("critic", "critic_params", "opt_c", "critic_loss", "critic_step", lambda t: [t.fake]),
-        ("generator", "gen_params", "opt_g", "generator_loss", "generator_step", lambda t: [t.generator, t.bridge]),
-    ]:
+    for name, params, opt, loss_fn, step_fn, loss_key, synced in [
+        ("critic", "critic_params", "opt_c", "critic_loss", "critic_step", "loss/fake", lambda t: [t.fake]),
+        ("generator", "gen_params", "opt_g", "generator_loss", "generator_step", "loss/dm",
+         lambda t: [t.generator, t.bridge]),
+    ]:  # fmt: skip
         # fresh trainers for each update (one update changes what the other computes); the same seeds: same weights
         acc = DistillTrainer(apply_overrides(cfg, ["train.gradient_accumulation_steps=2"]), tmp_path / f"a_{name}")
         ref = DistillTrainer(cfg, tmp_path / f"b_{name}")
@@ -201,6 +202,5 @@ def test_gradient_accumulation_averages_the_micro_batches_and_syncs_once(tmp_pat
             torch.testing.assert_close(torch.zeros_like(want) if got is None else got, want, rtol=1e-5, atol=1e-7)
         for key in micro_logs[0]:
             assert logs[key] == pytest.approx((micro_logs[0][key] + micro_logs[1][key]) / 2, rel=1e-6), key
-        assert micro_logs[0][f"loss/{'fake' if name == 'critic' else 'dm'}"] != micro_logs[1][
-            f"loss/{'fake' if name == 'critic' else 'dm'}"]  # two different micro-batches
+        assert micro_logs[0][loss_key] != micro_logs[1][loss_key]  # two different micro-batches
         assert logs[f"grad_norm/{name}"] > 0

@@ -787,7 +787,7 @@ class DistillTrainer:
         the last backward, so all processes take or skip it alike."""
         k = self.cfg.train.gradient_accumulation_steps
         opt.zero_grad(set_to_none=True)  # also drops grads the other update left (the GAN path reaches the critic)
-        losses, micro_logs = {}, []
+        losses, micro_logs, norm = {}, [], None
         for i in range(k):
             last = i == k - 1
             with contextlib.ExitStack() as no_sync:
@@ -810,10 +810,11 @@ class DistillTrainer:
             else:
                 norm = self.accelerator.clip_grad_norm_(params, max_norm)
             opt.step()
-            micro_logs[-1][f"grad_norm/{name}"] = float(norm)
         opt.zero_grad(set_to_none=True)
-        return {key: sum(logs[key] for logs in micro_logs if key in logs) / sum(key in logs for logs in micro_logs)
-                for key in micro_logs[-1]}  # fmt: skip
+        logs = {key: sum(micro[key] for micro in micro_logs) / k for key in micro_logs[0]}
+        if norm is not None:
+            logs[f"grad_norm/{name}"] = float(norm)
+        return logs
 
     def generator_step(self, step: int) -> dict:
         gen = step_generator(self.cfg.train.seed, self.accelerator.process_index, step, self.accelerator.device,
