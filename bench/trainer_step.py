@@ -12,7 +12,8 @@ score, the speed options), on spaces of the real architectures with random weigh
 Each variant is a config override on the preset; the generator update and the critic update are timed separately
 (the trainer runs ``critic_steps_per_generator_step`` critic updates per generator update). ``--set KEY=VALUE``
 (repeatable, any config key, e.g. ``--set train.ddp_comm_hook=bf16``) applies to every variant after its own
-overrides; the report records them and each row's resolved ``train`` options.
+overrides; the report records them and each row's resolved ``train`` options. With the GAN or Bridge co-training on
+(``--set train.gan_weight=1e-3``) and no ``data.real_images``, ``--reals N`` random images serve as the reals.
 
     PYTHONUNBUFFERED=1 python bench/trainer_step.py --out $OUT                              # GPU, real sizes
     python bench/trainer_step.py --tiny --out /tmp/bench                                     # CPU smoke test
@@ -148,6 +149,8 @@ def make_trainer(args, overrides: list[str], work: Path):
         f"data.prompts={prompts}", f"train.batch_size={args.batch}", f"train.cpu={device.type == 'cpu'}", *overrides,
         *args.set,
     ])  # fmt: skip
+    if (cfg.train.gan_weight > 0 or cfg.train.cotrain_bridge) and not cfg.data.real_images:
+        cfg.data.real_images = str(synthetic_reals(work / "reals", args.reals, teacher.resolution))
     run_dir = Path(tempfile.mkdtemp(dir=work, prefix="run_"))
     original = distill.load_space
     distill.load_space = lambda family, path: spaces[path]  # the trainer asks for its spaces by config path
@@ -155,6 +158,22 @@ def make_trainer(args, overrides: list[str], work: Path):
         return distill.DistillTrainer(cfg, run_dir)
     finally:
         distill.load_space = original
+
+
+def synthetic_reals(folder: Path, n: int, resolution: int) -> Path:
+    """``n`` random images with captions, for the GAN's and the Bridge co-training's reals (their speed does not
+    depend on what the images show; the GPU machines have no image set)."""
+    from PIL import Image
+
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        gen = torch.Generator().manual_seed(0)
+        for i in range(n):  # smooth colour fields: PNGs of a few hundred KiB rather than incompressible noise
+            small = torch.rand(3, 8, 8, generator=gen)
+            big = torch.nn.functional.interpolate(small[None], size=(resolution,) * 2, mode="bilinear")[0]
+            Image.fromarray((big.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"real_{i}.png")
+            (folder / f"real_{i}.txt").write_text(f"bench real image number {i}\n")
+    return folder
 
 
 def progress(clock: Clock, name: str, message: str) -> None:
@@ -250,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="train.batch_size (the preset's is 4)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--reals", type=int, default=8,
+                        help="random images written as the reals when the config needs them (train.gan_weight > 0 "
+                             "or train.cotrain_bridge) and sets no data.real_images")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=540)
     parser.add_argument(
         "--profile", action="store_true",
