@@ -12,6 +12,10 @@ accelerate state to FSDP2, with the plugin the launch configured, before the tra
 Everything after that is accelerate's own FSDP2 preparation (``fully_shard`` per block) and torch's DTensors, on CPU.
 On GPUs, leave it out.
 
+``--eager-compile``: ``train.compile`` traces with dynamo's eager backend (graph capture and DDP's graph split, no
+C++ build on CPU runners), and each ``--ddp-runs`` entry records the ``torch._dynamo.config.optimize_ddp`` its graphs
+were captured under (what ``train.ddp_split_graphs`` sets).
+
 ``--ddp-runs A.json B.json ...`` (DDP only, last): before the main run, train these configs too, in the same
 processes, each in the folder beside its file (``A/``), step by step without the loop (whose ``end_training`` would
 end the process group), and add to ``rank_N.json`` under ``ddp_runs``, by file stem, each one's logs per step and what
@@ -25,8 +29,22 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from crossdistill.config import load_config
+from crossdistill.train import distill
 from crossdistill.train.distill import DistillConfig, DistillTrainer, make_accelerator
+from crossdistill.train.perf import compile_blocks
+
+CAPTURED: list = []  # --eager-compile: torch._dynamo.config.optimize_ddp at each graph capture of the current run
+
+
+def eager_compile() -> None:
+    def backend(gm, example_inputs):
+        CAPTURED.append(torch._dynamo.config.optimize_ddp)
+        return gm.forward
+
+    distill.compile_blocks = lambda module, **kw: compile_blocks(module, backend=backend, **kw)
 
 
 def cpu_fsdp2_state() -> None:
@@ -68,13 +86,16 @@ def step_through(config: Path) -> dict:
     """Train ``config`` in ``<config without .json>/`` step by step: its logs per step and its DDP wrappers."""
     cfg = load_config(DistillConfig, config)
     run_dir = config.with_suffix("")
+    torch._dynamo.reset()  # each run captures its own graphs (an earlier run's would be reused)
+    CAPTURED.clear()
     trainer = DistillTrainer(cfg, run_dir, accelerator=make_accelerator(cfg, run_dir))
     logs = []
     for step in range(1, cfg.train.max_steps + 1):
         trainer.step = step
         logs.append(trainer.train_step(step))
     modules = {"generator": trainer.generator, "critic": trainer.fake, "bridge": trainer.bridge}
-    return {"logs": logs, "ddp": {role: ddp_options(m) for role, m in modules.items()}}
+    return {"logs": logs, "ddp": {role: ddp_options(m) for role, m in modules.items()},
+            "captured_under": sorted({str(v) for v in CAPTURED}), "graphs": len(CAPTURED)}  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -83,6 +104,8 @@ def main(argv: list[str]) -> int:
     accelerator = make_accelerator(cfg, run_dir)
     if "--cpu-fsdp" in argv:
         cpu_fsdp2_state()
+    if "--eager-compile" in argv:
+        eager_compile()
     runs = argv[argv.index("--ddp-runs") + 1 :] if "--ddp-runs" in argv else []
     ddp_runs = {Path(path).stem: step_through(Path(path)) for path in runs}
     trainer = DistillTrainer(cfg, run_dir, accelerator=accelerator)

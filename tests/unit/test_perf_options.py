@@ -187,6 +187,7 @@ def test_defaults_and_cli_show_the_options(capsys):
         assert f'"{key}"' in out
     assert (t.ddp_comm_hook, t.ddp_bucket_mb) == ("none", 25)  # torch's bucket size
     assert t.ddp_static_graph is False and t.ddp_grad_as_bucket_view is False and t.ddp_broadcast_buffers is True
+    assert t.ddp_split_graphs is True and '"ddp_split_graphs"' in out  # torch's default: dynamo's DDPOptimizer
 
 
 def test_compile_traces_the_step_modules_and_checkpoints_load_without_compile(cross_runs, tmp_path, monkeypatch):
@@ -435,6 +436,7 @@ def test_ddp_kwargs_are_torchs_defaults_unless_set():
         ({"ddp_static_graph": "yes"}, r"train.ddp_static_graph must be true or false; got 'yes'"),
         ({"ddp_grad_as_bucket_view": 1}, r"train.ddp_grad_as_bucket_view must be true or false; got 1"),
         ({"ddp_broadcast_buffers": "no"}, r"train.ddp_broadcast_buffers must be true or false; got 'no'"),
+        ({"ddp_split_graphs": "off"}, r"train.ddp_split_graphs must be true or false; got 'off'"),
     ],
 )
 def test_ddp_options_refuse_bad_values_naming_the_key(options, match):
@@ -514,6 +516,36 @@ def test_ddp_options_are_ignored_with_one_info_line_without_ddp(caplog):
     assert not caplog.records
 
 
+def test_ddp_split_graphs_sets_dynamos_ddp_split_under_compiled_ddp_only(monkeypatch, caplog):
+    """train.ddp_split_graphs -> torch._dynamo.config.optimize_ddp when train.compile runs under DDP (one info line
+    saying which); elsewhere dynamo's setting is left alone, and the option set off its default says it is ignored.
+    An accelerator built by the caller carries nothing of it (not a DDP constructor argument), so none is refused."""
+    import logging
+
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # restored after the test
+
+    def apply(acc, **options):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="crossdistill.train.distill"):
+            distill.apply_ddp_graph_split(distill.TrainConfig(**options), acc)
+        return [r.getMessage() for r in caplog.records]
+
+    ddp = _accelerator("MULTI_GPU")
+    assert apply(ddp, compile=True, ddp_split_graphs=False) == [
+        "compile under DDP: one graph per block (train.ddp_split_graphs=false)"]  # fmt: skip
+    assert torch._dynamo.config.optimize_ddp is False
+    assert apply(_accelerator("MULTI_CPU"), compile=True) == [
+        "compile under DDP: split at the gradient buckets (train.ddp_split_graphs=true)"]  # fmt: skip
+    assert torch._dynamo.config.optimize_ddp is True  # set back by the next compiled DDP run of the process
+    ignored = ["train.ddp_split_graphs=false ignored: it applies to train.compile=true under DDP only"]
+    no_ddp = (_accelerator("NO", 1), _accelerator("MULTI_GPU", 1), _accelerator("FSDP"))
+    for acc, options in ((ddp, {"compile": False}), *((acc, {"compile": True}) for acc in no_ddp)):
+        assert apply(acc, ddp_split_graphs=False, **options) == ignored, (acc, options)
+        assert torch._dynamo.config.optimize_ddp is True
+        assert apply(acc, **options) == []  # at its default: silent
+    distill.check_ddp_accelerator(_ddp_config(ddp_split_graphs=False), _accelerator("MULTI_CPU"), sharded=False)
+
+
 def test_ddp_run_refuses_an_accelerator_without_the_options_and_a_bf16_hook_torch_refuses(monkeypatch):
     cfg = distill.DistillConfig(train=distill.TrainConfig(ddp_comm_hook="bf16", ddp_static_graph=True))
     monkeypatch.setattr(distill, "bf16_comm_hook_supported", lambda: True)
@@ -565,12 +597,12 @@ def test_ddp_options_are_resume_safe_and_ignored_on_one_process(cross_runs, tmp_
 
     folder, cfg = cross_runs
     tuned = _cfg(cfg, ddp_comm_hook="fp16", ddp_bucket_mb=1, ddp_static_graph=True, ddp_grad_as_bucket_view=True,
-                 ddp_broadcast_buffers=False)
+                 ddp_broadcast_buffers=False, ddp_split_graphs=False)  # fmt: skip
     assert config_hash(tuned, distill.DISTILL_RESUME_SAFE) == config_hash(cfg, distill.DISTILL_RESUME_SAFE)
     older = tmp_path / "older"  # config.json of a version without the keys
     prepare_run_dir(older, cfg, resume_safe=distill.DISTILL_RESUME_SAFE)
     saved = to_dict(cfg)
-    for key in distill.DDP_KEYS:
+    for key in (*distill.DDP_KEYS, "ddp_split_graphs"):
         del saved["train"][key]
     (older / "config.json").write_text(json.dumps(saved))
     prepare_run_dir(older, tuned, resume_safe=distill.DISTILL_RESUME_SAFE)

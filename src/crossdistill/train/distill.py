@@ -87,6 +87,7 @@ SPEED_KEYS = (
     "train.offload_idle_vaes",
     *(f"train.{key}" for key in MODULE_SWAPS),
     *(f"train.{key}" for key in DDP_KEYS),
+    "train.ddp_split_graphs",
 )
 DISTILL_RESUME_SAFE = (*RESUME_SAFE_KEYS, *SPEED_KEYS)
 # Where train.offload_text_encoders / offload_idle_vaes put what they move (tests set "meta": any later use fails).
@@ -152,6 +153,12 @@ class TrainConfig:
     # its 0.9 GB positional table). Our models' buffers are constants that every rank builds alike: false skips it.
     # Profiled on 2 x H100 (compiled SD3.5-M preset): ~2.6 ms per generator update, so torch's default stays
     ddp_broadcast_buffers: bool = True
+    # train.compile under DDP: dynamo's DDPOptimizer splits each compiled graph where DDP's gradient buckets end, so a
+    # bucket's all-reduce can start inside that graph's backward (torch._dynamo.config.optimize_ddp, torch's default).
+    # train.compile compiles block by block, so the split cuts the blocks themselves (the SD3.5-M fake score's 24
+    # blocks, 207-387 MiB of fp32 gradients each, into ~340 graphs at 25 MiB buckets). False keeps one graph per
+    # block: its gradients are all-reduced when its backward ends, beside the next block's backward.
+    ddp_split_graphs: bool = True
 
 
 @dataclass(kw_only=True)
@@ -246,7 +253,7 @@ def check_ddp_options(t: TrainConfig) -> None:
         )
     if isinstance(t.ddp_bucket_mb, bool) or not isinstance(t.ddp_bucket_mb, int) or t.ddp_bucket_mb < 1:
         raise ConfigError(f"train.ddp_bucket_mb must be an int >= 1 (MiB, torch default 25); got {t.ddp_bucket_mb!r}")
-    for key in ("ddp_static_graph", "ddp_grad_as_bucket_view", "ddp_broadcast_buffers"):
+    for key in ("ddp_static_graph", "ddp_grad_as_bucket_view", "ddp_broadcast_buffers", "ddp_split_graphs"):
         if not isinstance(getattr(t, key), bool):
             raise ConfigError(f"train.{key} must be true or false; got {getattr(t, key)!r}")
 
@@ -310,6 +317,19 @@ def check_ddp_accelerator(cfg: DistillConfig, accelerator, *, sharded: bool) -> 
             f"{', '.join(chosen)} set, but the accelerator given to the trainer was built without them: "
             "build it with crossdistill.train.distill.make_accelerator(cfg, run_dir)"
         )
+
+
+def apply_ddp_graph_split(t: TrainConfig, accelerator) -> None:
+    """``train.ddp_split_graphs`` -> ``torch._dynamo.config.optimize_ddp``, which dynamo reads when it compiles a graph
+    inside a DDP module's forward (process-wide: set by every compiled DDP run). Off its default without DDP or
+    without ``train.compile``: one info line."""
+    if t.compile and is_ddp(accelerator):
+        torch._dynamo.config.optimize_ddp = t.ddp_split_graphs
+        if accelerator.is_main_process:
+            how = "split at the gradient buckets" if t.ddp_split_graphs else "one graph per block"
+            logger.info("compile under DDP: %s (train.ddp_split_graphs=%s)", how, str(t.ddp_split_graphs).lower())
+    elif not t.ddp_split_graphs and accelerator.is_main_process:
+        logger.info("train.ddp_split_graphs=false ignored: it applies to train.compile=true under DDP only")
 
 
 def make_accelerator(cfg: DistillConfig, run_dir: str | Path) -> Accelerator:
@@ -561,6 +581,7 @@ class DistillTrainer:
         if t.compile:  # after LoRA (peft wraps Linears first) and the EMA copy; before prepare (DDP wraps outside)
             counts = {role: compile_blocks(m) for role, m in step_modules.items()}
             logger.info("compile: %s", ", ".join(f"{role} ({n} blocks)" for role, n in counts.items()))
+        apply_ddp_graph_split(t, acc)
 
         gen_call, critic_call = DenoiserCall(generator), DenoiserCall(fake, head=self.gan_head)
         gen_params = list(generator.parameters()) + (list(self.bridge.parameters()) if t.cotrain_bridge else [])
