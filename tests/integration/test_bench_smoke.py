@@ -139,6 +139,30 @@ def test_trainer_step_tiny(tmp_path):
     assert "| preset | critic update | no GPU kernels recorded |" in (tmp_path / "trainer_step.md").read_text()
 
 
+def test_trainer_step_writes_reals_for_the_gan(tmp_path):
+    """With the GAN on and no data.real_images (the GPU machines have no image set), --reals random images serve."""
+    run_bench("trainer_step.py", "--variants", "preset", "--iters", "1", "--set", "train.gan_weight=1e-3",
+              "--reals", "3", "--out", str(tmp_path))  # fmt: skip
+    row = json.loads((tmp_path / "trainer_step.json").read_text())["rows"][0]
+    assert "error" not in row, row.get("error")
+    assert row["train"]["gan_weight"] == 1e-3 and row["train"]["gradient_checkpointing"]  # the preset's
+    assert row["generator_update"]["ms"] > 0 and row["critic_update"]["ms"] > 0
+
+
+def test_ddp_graph_split_tiny(tmp_path):
+    """Two gloo processes count the graphs of each backbone with DDP's graph split on and off, and the order of the
+    all-reduces against the blocks' backward with it off."""
+    run_bench("ddp_graph_split.py", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "ddp_graph_split.json").read_text())["rows"]
+    assert [(r["backbone"], r["ddp_split_graphs"]) for r in rows] == [
+        ("sd35m", True), ("sd35m", False), ("sd15", True), ("sd15", False)]  # fmt: skip
+    for split, whole in (rows[:2], rows[2:]):
+        assert whole["compiled_blocks"] == split["compiled_blocks"] > 0
+        assert 0 < whole["graphs"] <= split["graphs"] and len(whole["ops_per_graph"]) == whole["graphs"]
+        assert whole["all_reduce_total"] >= 1 and whole["all_reduce_before_last_block_done"] is not None
+    assert "| sd15 |" in (tmp_path / "ddp_graph_split.md").read_text()
+
+
 def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
     """The trainer bench on two gloo processes (DDP): samples/s over both batches, a peak per rank, no FLOP count;
     DDP options from --set, recorded in the report (fp16: this CPU build of torch refuses the bf16 hook)."""
