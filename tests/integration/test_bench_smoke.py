@@ -163,6 +163,21 @@ def test_ddp_graph_split_tiny(tmp_path):
     assert "| sd15 |" in (tmp_path / "ddp_graph_split.md").read_text()
 
 
+@pytest.mark.slow
+def test_ddp_compile_cache_reports_every_launch(tmp_path):
+    """Five launches in fresh processes on one inductor cache (inductor's C++ backend on CPU, ~1-2 min): the first
+    misses the cache, a second DDP launch with the split off hits it; with the split on AOTAutograd's cache is
+    bypassed."""
+    cmd = [sys.executable, str(ROOT / "bench" / "ddp_compile_cache.py"), "--out", str(tmp_path), "--width", "256"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "ddp_compile_cache.json").read_text())["rows"]
+    assert [r["launch"] for r in rows][0] == "one process" and len(rows) == 5
+    assert rows[0]["counters"].get("fxgraph_cache_miss", 0) > 0 and not rows[0]["counters"].get("fxgraph_cache_hit")
+    assert rows[2]["counters"].get("autograd_cache_hit", 0) > 0  # split off, second DDP launch
+    assert rows[4]["counters"].get("autograd_cache_bypass", 0) > 0  # split on
+
+
 def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
     """The trainer bench on two gloo processes (DDP): samples/s over both batches, a peak per rank, no FLOP count;
     DDP options from --set, recorded in the report (fp16: this CPU build of torch refuses the bf16 hook)."""
