@@ -60,7 +60,12 @@ def worker(rank: int, world: int, port: int, split: bool | None, width: int, out
         keep = {k: v for group in ("inductor", "aot_autograd") for k, v in counters[group].items() if "cache" in k}
         Path(out_file).write_text(json.dumps(keep))
     if world > 1:
+        dist.barrier()
+        del step
         dist.destroy_process_group()
+        # Leave without interpreter teardown: freeing DDP's reducer there can deadlock on the GIL with gloo's worker
+        # thread (seen: ~ProcessGroupGloo joining a thread that waits for the GIL to drop a Python object).
+        os._exit(0)
 
 
 def free_port() -> int:

@@ -117,6 +117,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, out_file: str) -> Non
     if rank == 0:
         Path(out_file).write_text(json.dumps(rows))
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown: gloo's worker threads can deadlock on the GIL there (ddp_compile_cache.py)
 
 
 def order_hooks(model, ddp, events: list[str]) -> None:
