@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -318,3 +320,29 @@ def fmt(x, spec: str = ".1f") -> str:
 def env_markdown(env: dict, command: str) -> str:
     keys = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("date", "device"))
     return f"Device: **{env['device']}** · {env['date']} · {keys}\n\nCommand: `{command}`\n"
+
+
+# Two-process gloo workers on CPU (torch.multiprocessing.spawn), for the benchmarks that look at DDP's graphs.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def exit_gloo() -> None:
+    """Destroy the process group and leave without interpreter teardown: freeing DDP's reducer there can deadlock on
+    the GIL with gloo's worker thread (seen: ~ProcessGroupGloo joining a thread that waits for the GIL to drop a
+    Python object). Write results before calling it."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    os._exit(0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import env_markdown, environment, write_report
+from common import env_markdown, environment, exit_gloo, free_port, init_gloo, write_report
 
 LAUNCHES = (("one process", 1, None), ("DDP, split off (1st)", 2, False), ("DDP, split off (2nd)", 2, False),
             ("DDP, split on (1st)", 2, True), ("DDP, split on (2nd)", 2, True))  # fmt: skip
@@ -44,11 +43,9 @@ def worker(rank: int, world: int, port: int, split: bool | None, width: int, out
     from crossdistill.train.perf import compile_blocks
 
     if world > 1:
-        import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        init_gloo(rank, world, port)
         torch._dynamo.config.optimize_ddp = split
     torch.manual_seed(0)
     model = nn.Sequential(*[Block(width) for _ in range(4)])
@@ -60,18 +57,8 @@ def worker(rank: int, world: int, port: int, split: bool | None, width: int, out
         keep = {k: v for group in ("inductor", "aot_autograd") for k, v in counters[group].items() if "cache" in k}
         Path(out_file).write_text(json.dumps(keep))
     if world > 1:
-        dist.barrier()
-        del step
-        dist.destroy_process_group()
-        # Leave without interpreter teardown: freeing DDP's reducer there can deadlock on the GIL with gloo's worker
-        # thread (seen: ~ProcessGroupGloo joining a thread that waits for the GIL to drop a Python object).
-        os._exit(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        torch.distributed.barrier()
+        exit_gloo()
 
 
 def main(argv: list[str] | None = None) -> int:

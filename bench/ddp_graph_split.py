@@ -22,23 +22,24 @@ second backward (DDP's first all-reduces one bucket of everything while it learn
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import env_markdown, environment, sd15_unet_config, sd35_medium_config, write_report
+from common import (
+    env_markdown,
+    environment,
+    exit_gloo,
+    free_port,
+    init_gloo,
+    sd15_unet_config,
+    sd35_medium_config,
+    write_report,
+)
 
 BACKBONES = ("sd35m", "sd15")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(which: str, tiny: bool, layers: int):
@@ -74,13 +75,11 @@ def build(which: str, tiny: bool, layers: int):
 def worker(rank: int, port: int, args: argparse.Namespace, out_file: str) -> None:
     import json
 
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from crossdistill.train.perf import compile_blocks
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(rank, 2, port)
     rows = []
     for which in args.backbones:
         for split in (True, False):
@@ -116,8 +115,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, out_file: str) -> Non
         del ddp, model
     if rank == 0:
         Path(out_file).write_text(json.dumps(rows))
-    dist.destroy_process_group()
-    os._exit(0)  # no interpreter teardown: gloo's worker threads can deadlock on the GIL there (ddp_compile_cache.py)
+    exit_gloo()
 
 
 def order_hooks(model, ddp, events: list[str]) -> None:
