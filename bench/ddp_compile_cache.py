@@ -69,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counters", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.launch is not None:  # a fresh process per launch: nothing of an earlier one is left in memory
-        _, world, split = LAUNCHES[args.launch]
-        if world == 1:
-            worker(0, 1, 0, split, args.width, args.counters)
-        else:
-            import torch.multiprocessing as mp
+        import torch.multiprocessing as mp
 
-            mp.spawn(worker, args=(world, free_port(), split, args.width, args.counters), nprocs=world)
+        _, world, split = LAUNCHES[args.launch]
+        # Spawned workers for one process too: the blocks' class must live in the same module (``__mp_main__``) in
+        # every launch. Run in this script's ``__main__`` instead, it gave other cache keys (a toy artifact; the
+        # trainer's block classes come from diffusers).
+        mp.spawn(worker, args=(world, free_port(), split, args.width, args.counters), nprocs=world)
         return 0
 
     import subprocess
@@ -105,6 +105,9 @@ def to_markdown(report: dict) -> str:
         env_markdown(report["env"], report["command"]),
         f"Four blocks of width {report['width']} compiled one by one; DDP buckets of 1 MiB. Launches in this order, "
         "in fresh processes, one inductor cache folder.\n",
+        "On CPU the device has no index. On CUDA each rank compiles for its own device (`cuda:<local rank>`), and "
+        "the caches' keys include every input's device index, so a one-process run on `cuda:0` can warm rank 0 "
+        "only (read from torch's cache key code; not measured here).\n",
         "| launch | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
         "|---|" + "---|" * len(keys),
     ]

@@ -166,15 +166,18 @@ def test_ddp_graph_split_tiny(tmp_path):
 @pytest.mark.slow
 def test_ddp_compile_cache_reports_every_launch(tmp_path):
     """Five launches in fresh processes on one inductor cache (inductor's C++ backend on CPU, ~1-2 min): the first
-    misses the cache, a second DDP launch with the split off hits it; with the split on AOTAutograd's cache is
-    bypassed."""
+    (one process) misses the cache, and DDP with the split off hits what it left, AOTAutograd's cache included; with
+    the split on AOTAutograd's cache is bypassed."""
     cmd = [sys.executable, str(ROOT / "bench" / "ddp_compile_cache.py"), "--out", str(tmp_path), "--width", "256"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "ddp_compile_cache.json").read_text())["rows"]
     assert [r["launch"] for r in rows][0] == "one process" and len(rows) == 5
     assert rows[0]["counters"].get("fxgraph_cache_miss", 0) > 0 and not rows[0]["counters"].get("fxgraph_cache_hit")
-    assert rows[2]["counters"].get("autograd_cache_hit", 0) > 0  # split off, second DDP launch
+    for split_off in rows[1:3]:  # the one-process graphs are the split-off DDP graphs
+        assert split_off["counters"].get("autograd_cache_hit", 0) > 0 and not split_off["counters"].get(
+            "fxgraph_cache_miss"
+        ), split_off
     assert rows[4]["counters"].get("autograd_cache_bypass", 0) > 0  # split on
 
 
