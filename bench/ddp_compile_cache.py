@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import env_markdown, environment, exit_gloo, free_port, init_gloo, write_report
+from common import compile_cache_counters, env_markdown, environment, exit_gloo, free_port, init_gloo, write_report
 
 LAUNCHES = (("one process", 1, None), ("DDP, split off (1st)", 2, False), ("DDP, split off (2nd)", 2, False),
             ("DDP, split on (1st)", 2, True), ("DDP, split on (2nd)", 2, True))  # fmt: skip
@@ -38,8 +38,6 @@ class Block(nn.Module):
 
 
 def worker(rank: int, world: int, port: int, split: bool | None, width: int, out_file: str) -> None:
-    from torch._dynamo.utils import counters
-
     from crossdistill.train.perf import compile_blocks
 
     if world > 1:
@@ -54,8 +52,7 @@ def worker(rank: int, world: int, port: int, split: bool | None, width: int, out
     x = torch.randn(8, width, requires_grad=True)
     step(x).square().mean().backward()
     if rank == 0:
-        keep = {k: v for group in ("inductor", "aot_autograd") for k, v in counters[group].items() if "cache" in k}
-        Path(out_file).write_text(json.dumps(keep))
+        Path(out_file).write_text(json.dumps(compile_cache_counters()))
     if world > 1:
         torch.distributed.barrier()
         exit_gloo()

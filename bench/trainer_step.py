@@ -52,6 +52,7 @@ import torch  # noqa: E402
 from common import (
     Clock,
     build,
+    compile_cache_counters,
     count_flops,
     env_markdown,
     environment,
@@ -193,11 +194,13 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
             trainer = make_trainer(args, overrides, work)
             row["build_s"] = time.monotonic() - t0
             row["train"] = to_dict(trainer.cfg.train)  # the options this row ran with (preset, variant, --set)
-            t0 = time.monotonic()
+            t0, cache0 = time.monotonic(), compile_cache_counters()
             trainer.generator_step(1)
             trainer.critic_step(1)
             sync(device)
             row["first_updates_s"] = time.monotonic() - t0  # compile (when on) and optimizer-state allocation
+            cache1 = compile_cache_counters()  # per rank below: each rank's cache keys hold its own device index
+            row["compile_cache"] = {k: v - cache0.get(k, 0) for k, v in cache1.items() if v - cache0.get(k, 0)}
             progress(clock, name, f"first updates done in {row['first_updates_s']:.0f} s; timing")
             # fresh step numbers: each update draws its own batch and noise
             steps = itertools.count(2)
@@ -230,6 +233,9 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
             peaks = [None] * WORLD
             torch.distributed.all_gather_object(peaks, row["peak_gb"])
             row["peak_gb_per_rank"], row["peak_gb"] = peaks, max((p for p in peaks if p is not None), default=None)
+            caches = [None] * WORLD
+            torch.distributed.all_gather_object(caches, row["compile_cache"])
+            row["compile_cache_per_rank"] = caches
         # Counted eagerly, after the timing, each update on its own: an OOM here (the preset fills an 80 GB GPU)
         # costs only that update's MFU. The critic first: on the H100 its count ran out of memory after the
         # generator's had succeeded.
@@ -355,6 +361,14 @@ def to_markdown(report: dict) -> str:
                     f"| {p['compute_ms']:.1f} | {p['comm_ms']:.1f} | {p['comm_exposed_ms']:.1f} | {p['kernels']:.0f} "
                     f"| {kinds} |"
                 )
+    cached = [r for r in report["rows"] if r.get("compile_cache") or any(r.get("compile_cache_per_rank") or ())]
+    if cached:
+        lines.append("\nCompile caches in the first updates (inductor FX graphs, AOTAutograd; per rank under DDP):\n")
+        for r in cached:
+            per_rank = r.get("compile_cache_per_rank") or [r["compile_cache"]]
+            ranks = "; ".join(f"rank {i}: " + (", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none")
+                              for i, c in enumerate(per_rank))  # fmt: skip
+            lines.append(f"- {r['name']}: {ranks}")
     for r in report["rows"]:
         if "flops_error" in r:
             lines.append(f"\n{r['name']}: MFU not computed, {r['flops_error'][:200]}")

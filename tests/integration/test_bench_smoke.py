@@ -181,6 +181,33 @@ def test_ddp_compile_cache_reports_every_launch(tmp_path):
     assert rows[4]["counters"].get("autograd_cache_bypass", 0) > 0  # split on
 
 
+@pytest.mark.slow
+def test_trainer_step_one_process_compile_warms_split_off_ddp(tmp_path):
+    """The compiled trainer (tiny spaces, inductor on CPU, ~5 min): a one-process run fills the compile caches, and
+    DDP with ``train.ddp_split_graphs=false`` then finds every graph there, on both ranks: its graphs are the
+    one-process graphs. (On CUDA rank r's keys hold cuda:r, so there only rank 0 would find them.)"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",  # the C++ kernels' keys hold threads
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # fmt: skip
+    bench = [str(ROOT / "bench" / "trainer_step.py"), "--tiny", "--variants", "preset_compiled", "--iters", "1"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    runs = {"one": [sys.executable, *bench], "ddp": [*launch, *bench, "--set", "train.ddp_split_graphs=false"]}
+    rows = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run([*cmd, "--out", str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=1200, env=env)  # fmt: skip
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        rows[name] = json.loads((tmp_path / name / "trainer_step.json").read_text())["rows"][0]
+        assert "error" not in rows[name], rows[name]["error"]
+    cold = rows["one"]["compile_cache"]
+    assert cold.get("fxgraph_cache_miss", 0) > 0 and not cold.get("fxgraph_cache_hit"), cold
+    assert len(rows["ddp"]["compile_cache_per_rank"]) == 2
+    for rank in rows["ddp"]["compile_cache_per_rank"]:
+        assert rank.get("fxgraph_cache_hit") == cold["fxgraph_cache_miss"] and not rank.get("fxgraph_cache_miss")
+        assert rank.get("autograd_cache_hit", 0) > 0 and not rank.get("autograd_cache_miss"), rank
+    assert "rank 1: autograd_cache_hit" in (tmp_path / "ddp" / "trainer_step.md").read_text()
+
+
 def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
     """The trainer bench on two gloo processes (DDP): samples/s over both batches, a peak per rank, no FLOP count;
     DDP options from --set, recorded in the report (fp16: this CPU build of torch refuses the bf16 hook)."""
@@ -205,6 +232,8 @@ def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
     assert line.count("|") == header.count("|") and line.endswith("|"), "per-rank peaks must stay inside the cells"
     assert "(ranks: " in line
     assert len(row["peak_gb_per_rank"]) == 2 and "generator_tflop" not in row
+    assert row["compile_cache_per_rank"] == [{}, {}]  # one entry per rank; eager, so no compile-cache traffic
+    assert "Compile caches" not in md
     assert set(row["profile"]) == {"generator update", "critic update"}  # every rank ran the profiled updates
     assert row["samples_per_s_generator"] == pytest.approx(2 * 4 / (row["cycle_ms"] * 1e-3))
 
