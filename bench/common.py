@@ -280,14 +280,6 @@ def matmul_tflops(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 / (t["ms"] * 1e-3) / 1e12
 
 
-def compile_cache_counters() -> dict[str, int]:
-    """This process's compile-cache counters so far: inductor's FX-graph cache and AOTAutograd's (hit / miss /
-    bypass / ...). Subtract two of them for what one piece of work did."""
-    from torch._dynamo.utils import counters
-
-    return {k: v for group in ("inductor", "aot_autograd") for k, v in counters[group].items() if "cache" in k}
-
-
 def peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 

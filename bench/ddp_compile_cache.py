@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import compile_cache_counters, env_markdown, environment, exit_gloo, free_port, init_gloo, write_report
+from common import env_markdown, environment, exit_gloo, free_port, init_gloo, write_report
 
 LAUNCHES = (("one process", 1, None), ("DDP, split off (1st)", 2, False), ("DDP, split off (2nd)", 2, False),
             ("DDP, split on (1st)", 2, True), ("DDP, split on (2nd)", 2, True))  # fmt: skip
@@ -38,7 +38,7 @@ class Block(nn.Module):
 
 
 def worker(rank: int, world: int, port: int, split: bool | None, width: int, out_file: str) -> None:
-    from crossdistill.train.perf import compile_blocks
+    from crossdistill.train.perf import compile_blocks, compile_cache_counts
 
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -52,7 +52,7 @@ def worker(rank: int, world: int, port: int, split: bool | None, width: int, out
     x = torch.randn(8, width, requires_grad=True)
     step(x).square().mean().backward()
     if rank == 0:
-        Path(out_file).write_text(json.dumps(compile_cache_counters()))
+        Path(out_file).write_text(json.dumps(compile_cache_counts()))
     if world > 1:
         torch.distributed.barrier()
         exit_gloo()

@@ -52,7 +52,6 @@ import torch  # noqa: E402
 from common import (
     Clock,
     build,
-    compile_cache_counters,
     count_flops,
     env_markdown,
     environment,
@@ -71,6 +70,7 @@ from common import (
 from crossdistill.bridge.model import Bridge
 from crossdistill.config import apply_overrides, to_dict
 from crossdistill.train import distill
+from crossdistill.train.perf import compile_cache_counts
 from crossdistill.train.presets import PRESETS
 
 # name -> (config overrides on the preset, rough cost in s at real size on an H100-class GPU incl. compile)
@@ -194,12 +194,12 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
             trainer = make_trainer(args, overrides, work)
             row["build_s"] = time.monotonic() - t0
             row["train"] = to_dict(trainer.cfg.train)  # the options this row ran with (preset, variant, --set)
-            t0, cache0 = time.monotonic(), compile_cache_counters()
+            t0, cache0 = time.monotonic(), compile_cache_counts()
             trainer.generator_step(1)
             trainer.critic_step(1)
             sync(device)
             row["first_updates_s"] = time.monotonic() - t0  # compile (when on) and optimizer-state allocation
-            cache1 = compile_cache_counters()  # per rank below: each rank's cache keys hold its own device index
+            cache1 = compile_cache_counts()  # per rank below: each rank's cache keys hold its own device index
             row["compile_cache"] = {k: v - cache0.get(k, 0) for k, v in cache1.items() if v - cache0.get(k, 0)}
             progress(clock, name, f"first updates done in {row['first_updates_s']:.0f} s; timing")
             # fresh step numbers: each update draws its own batch and noise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -23,7 +24,14 @@ from crossdistill.models.sd3 import SD3Space
 from crossdistill.models.sd15 import SD15Space
 from crossdistill.train import distill
 from crossdistill.train.distill import DistillTrainer
-from crossdistill.train.perf import compile_blocks, is_convolutional, make_adamw, to_channels_last
+from crossdistill.train.perf import (
+    compile_blocks,
+    compile_cache_counts,
+    is_convolutional,
+    log_first_compiled_step,
+    make_adamw,
+    to_channels_last,
+)
 from crossdistill.train.stats import read_stats
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
@@ -199,6 +207,8 @@ def test_compile_traces_the_step_modules_and_checkpoints_load_without_compile(cr
         return compile_blocks(module, backend="eager", **kwargs)  # dynamo graph capture, no C++ build
 
     monkeypatch.setattr(distill, "compile_blocks", spy)
+    seen = []  # the first step's compile line, from the cache counters read around it
+    monkeypatch.setattr(distill, "log_first_compiled_step", lambda s, before, after: seen.append((s, before, after)))
     run = tmp_path / "run"
     trainer = DistillTrainer(_cfg(cfg, compile=True, max_steps=2), run)
     # LoRA fake score: the real score is the same backbone, compiled once; the Bridge's decoder prior and projector.
@@ -209,6 +219,8 @@ def test_compile_traces_the_step_modules_and_checkpoints_load_without_compile(cr
     assert _compiled(trainer.generator_denoiser.backbone) and trainer.ema is None
     assert any("lora_A" in n for n, _ in trainer.teacher.denoiser.backbone.named_parameters())  # LoRA before compile
     assert trainer.train() == 2
+    assert len(seen) == 1 and seen[0][0] > 0  # once per run, after its first step
+    assert seen[0][2] == compile_cache_counts()  # dynamo's eager backend: no inductor cache traffic since
 
     # The checkpoint written with compile on resumes a run with compile off (same parameter names) ...
     monkeypatch.undo()
@@ -611,3 +623,14 @@ def test_ddp_options_are_resume_safe_and_ignored_on_one_process(cross_runs, tmp_
     assert DistillTrainer(_cfg(tuned, max_steps=2), run).train() == 2
     assert DistillTrainer(cfg, run).train() == 4  # resumed with the options back at their defaults
     _assert_losses_close(_losses(run), _losses(folder / "eager"), rtol=0, atol=0)
+
+
+def test_first_compiled_step_says_what_inductor_compiled_and_took_from_its_cache(caplog, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    before = {"fxgraph_cache_miss": 2, "fxgraph_cache_hit": 1, "autograd_cache_miss": 1}
+    after = {"fxgraph_cache_miss": 9, "fxgraph_cache_hit": 4, "fxgraph_cache_bypass": 1, "autograd_cache_miss": 3}
+    with caplog.at_level(logging.INFO, logger="crossdistill.train.perf"):
+        log_first_compiled_step(241.6, before, after)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("first compiled step: 242 s; inductor compiled 8 graphs and took 3 from its cache (")
+    assert str(tmp_path / "inductor") in line and "TORCHINDUCTOR_CACHE_DIR" in line

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,15 @@ from crossdistill.models.base import Denoiser, PromptEmbeds, Space
 from crossdistill.models.registry import get_family
 from crossdistill.models.registry import load_space as load_space_folder
 from crossdistill.train.guard import NonFiniteGuard
-from crossdistill.train.perf import MODULE_SWAPS, compile_blocks, is_convolutional, make_adamw, to_channels_last
+from crossdistill.train.perf import (
+    MODULE_SWAPS,
+    compile_blocks,
+    compile_cache_counts,
+    is_convolutional,
+    log_first_compiled_step,
+    make_adamw,
+    to_channels_last,
+)
 from crossdistill.train.runner import train_loop
 from crossdistill.train.seeding import derive_seed, seed_everything, step_generator
 from crossdistill.train.sharded import (
@@ -617,6 +626,7 @@ class DistillTrainer:
         # ---- bookkeeping --------------------------------------------------------------------------------------------
         self.guard = NonFiniteGuard(t.max_nonfinite_steps, accelerator=acc)
         self.step = 0
+        self._compile_logged = not t.compile  # the first step of a compiled run says what it compiled
 
     # ---- setup helpers ----------------------------------------------------------------------------------------------
     def _offload(self, what: str, modules: list[nn.Module]) -> None:
@@ -859,10 +869,15 @@ class DistillTrainer:
     def train_step(self, step: int) -> dict:
         """Step ``step`` (from 1): a generator update every ``critic_steps_per_generator_step`` steps, then a critic
         update (DMD2's order: the generator first, at the first step)."""
-        logs = {}
+        first, logs = not self._compile_logged, {}
+        if first:
+            t0, before = time.perf_counter(), compile_cache_counts()
         if (step - 1) % self.cfg.train.critic_steps_per_generator_step == 0:
             logs |= self.generator_step(step)
         logs |= self.critic_step(step)
+        if first:
+            self._compile_logged = True
+            log_first_compiled_step(time.perf_counter() - t0, before, compile_cache_counts())
         return logs
 
     # ---- state ------------------------------------------------------------------------------------------------------
