@@ -199,8 +199,8 @@ def run_variant(args, name: str, overrides: list[str], work: Path, matmul: float
             trainer.critic_step(1)
             sync(device)
             row["first_updates_s"] = time.monotonic() - t0  # compile (when on) and optimizer-state allocation
-            cache1 = compile_cache_counts()  # per rank below: each rank's cache keys hold its own device index
-            row["compile_cache"] = {k: v - cache0.get(k, 0) for k, v in cache1.items() if v - cache0.get(k, 0)}
+            # per rank below: each rank's cache keys hold its own device index
+            row["compile_cache"] = compile_cache_counts(since=cache0)
             progress(clock, name, f"first updates done in {row['first_updates_s']:.0f} s; timing")
             # fresh step numbers: each update draws its own batch and noise
             steps = itertools.count(2)

@@ -877,7 +877,7 @@ class DistillTrainer:
         logs |= self.critic_step(step)
         if first:
             self._compile_logged = True
-            log_first_compiled_step(time.perf_counter() - t0, before, compile_cache_counts())
+            log_first_compiled_step(time.perf_counter() - t0, compile_cache_counts(since=before))
         return logs
 
     # ---- state ------------------------------------------------------------------------------------------------------

@@ -93,21 +93,24 @@ def compile_blocks(module: nn.Module, **compile_kwargs) -> int:
     return count
 
 
-def compile_cache_counts() -> dict[str, int]:
-    """This process's compile-cache counters so far: inductor's FX-graph cache and AOTAutograd's (``..._hit``,
-    ``..._miss``, ``..._bypass``). Subtract two of them for what one piece of work did."""
+def compile_cache_counts(since: dict[str, int] | None = None) -> dict[str, int]:
+    """This process's compile-cache counters: inductor's FX-graph cache and AOTAutograd's (``..._hit``, ``..._miss``,
+    ``..._bypass``). With ``since`` (an earlier reading), what happened after it: the counters that moved, by how
+    much."""
     from torch._dynamo.utils import counters
 
-    return {k: v for group in ("inductor", "aot_autograd") for k, v in counters[group].items() if "cache" in k}
+    now = {k: v for group in ("inductor", "aot_autograd") for k, v in counters[group].items() if "cache" in k}
+    if since is None:
+        return now
+    return {k: v - since.get(k, 0) for k, v in now.items() if v != since.get(k, 0)}
 
 
-def log_first_compiled_step(seconds: float, before: dict[str, int], after: dict[str, int]) -> None:
+def log_first_compiled_step(seconds: float, counts: dict[str, int]) -> None:
     """One line after a compiled run's first step: its time, the graphs inductor compiled and those it took from
-    its cache, and where that cache is. A cold compile of a real preset takes minutes (262–435 s on H100s); with the
-    cache kept, a later launch or resume takes ~1.5 min (docs/performance.md). Under DDP the keys hold each rank's
-    GPU index, so each rank fills its own entries."""
-    delta = {k: v - before.get(k, 0) for k, v in after.items()}
-    compiled = delta.get("fxgraph_cache_miss", 0) + delta.get("fxgraph_cache_bypass", 0)
+    its cache (``counts``: :func:`compile_cache_counts` over the step), and where that cache is. A cold compile of a
+    real preset takes minutes (262–435 s on H100s); with the cache kept, a later launch or resume takes ~1.5 min
+    (docs/performance.md). Under DDP the keys hold each rank's GPU index, so each rank fills its own entries."""
+    compiled = counts.get("fxgraph_cache_miss", 0) + counts.get("fxgraph_cache_bypass", 0)
     try:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
@@ -117,7 +120,7 @@ def log_first_compiled_step(seconds: float, before: dict[str, int], after: dict[
     logger.info(
         "first compiled step: %.0f s; inductor compiled %d graphs and took %d from its cache (%s; keep it on a "
         "persistent disk, or set TORCHINDUCTOR_CACHE_DIR, and later launches and resumes skip most of the compile)",
-        seconds, compiled, delta.get("fxgraph_cache_hit", 0), where,
+        seconds, compiled, counts.get("fxgraph_cache_hit", 0), where,
     )  # fmt: skip
 
 
