@@ -123,24 +123,14 @@ def order_hooks(model, ddp, events: list[str]) -> None:
     N-th compiled block (a hook on the gradient of the block's first input)."""
     import torch.distributed as dist
 
-    from crossdistill.train.perf import _is_block
+    from crossdistill.train.perf import outermost_blocks
 
     def hook(state, bucket):
         events.append("all-reduce")
         return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
     ddp.register_comm_hook(None, hook)
-    blocks = []
-
-    def visit(m):
-        if _is_block(m):
-            blocks.append(m)
-            return
-        for child in m.children():
-            visit(child)
-
-    visit(model)
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(outermost_blocks(model)):  # the blocks train.compile compiles
 
         def pre(module, args, kwargs, i=i):
             x = args[0] if args else next(iter(kwargs.values()))

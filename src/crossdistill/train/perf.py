@@ -59,6 +59,14 @@ def _is_block(module: nn.Module) -> bool:
     return type(module).__name__ in BLOCK_CLASSES or isinstance(module, ResBlock)
 
 
+def outermost_blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks :func:`compile_blocks` compiles, in module order: the outermost modules of
+    :data:`BLOCK_CLASSES` (or Bridge residual blocks); nothing inside a block is listed."""
+    if _is_block(module):
+        return [module]
+    return [block for child in module.children() for block in outermost_blocks(child)]
+
+
 def compile_blocks(module: nn.Module, **compile_kwargs) -> int:
     """Compile every outermost repeated block of ``module`` in place (``nn.Module.compile``); returns how many.
 
@@ -74,23 +82,14 @@ def compile_blocks(module: nn.Module, **compile_kwargs) -> int:
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 16 * _RECOMPILE_LIMIT))
 
-    count = 0
-
-    def visit(m: nn.Module) -> None:
-        nonlocal count
-        if _is_block(m):
-            m.compile(**compile_kwargs)
-            count += 1
-            return
-        for child in m.children():
-            visit(child)
-
-    visit(module)
-    if count == 0:
+    blocks = outermost_blocks(module)
+    if not blocks:
         logger.info("compile_blocks: no known block in %s, compiling it whole", type(module).__name__)
         module.compile(**compile_kwargs)
-        count = 1
-    return count
+        return 1
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
 
 
 def compile_cache_counts(since: dict[str, int] | None = None) -> dict[str, int]:
