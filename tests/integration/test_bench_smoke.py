@@ -237,6 +237,24 @@ def test_trainer_step_under_accelerate_launch_counts_every_process(tmp_path):
     assert set(row["profile"]) == {"generator update", "critic update"}  # every rank ran the profiled updates
     assert row["samples_per_s_generator"] == pytest.approx(2 * 4 / (row["cycle_ms"] * 1e-3))
 
+    # trainer_scaling.py pairs this DDP report with a one-process run of the same preset, batch and variant
+    run_bench("trainer_step.py", "--variants", "preset", "--iters", "1", "--out", str(tmp_path / "one"))
+    one = json.loads((tmp_path / "one" / "trainer_step.json").read_text())["rows"][0]
+    ddp_json, one_json = str(tmp_path / "trainer_step.json"), str(tmp_path / "one" / "trainer_step.json")
+    scaling = [sys.executable, str(ROOT / "bench" / "trainer_scaling.py"), "--out", str(tmp_path / "scaling"),
+               "--pair", "b4 gloo", ddp_json, one_json]  # fmt: skip
+    proc = subprocess.run(scaling, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (pair,) = json.loads((tmp_path / "scaling" / "trainer_scaling.json").read_text())["rows"]
+    assert pair["speedup"] == pytest.approx(row["samples_per_s_generator"] / one["samples_per_s_generator"])
+    assert pair["ddp_options"] == report["set"] and pair["processes"] == 2
+    assert f"**{pair['speedup']:.2f}x**" in (tmp_path / "scaling" / "trainer_scaling.md").read_text()
+    one["batch"] = 8  # another batch per GPU: refused, naming it
+    (tmp_path / "one8.json").write_text(json.dumps({"env": report["env"], "rows": [one]}))
+    scaling[-1] = str(tmp_path / "one8.json")
+    proc = subprocess.run(scaling, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "does not compare like with like: batch 4 and 8" in proc.stderr
+
 
 def test_profile_counts_inductor_kernels_named_after_a_conv_as_triton():
     """inductor names a conv's fused epilogue "triton_..._convolution_...": it is Triton work, not a cuDNN conv."""
