@@ -216,9 +216,9 @@ def test_gradient_accumulation_under_ddp_keeps_the_ranks_in_step(lora_ddp_run):
 
 def test_compiled_ddp_trains_as_eager_ddp_with_its_graphs_split_or_whole(lora_ddp_run):
     """train.compile under DDP (dynamo's eager backend: the same kernels as eager): plain DDP's losses and gradient
-    norms bit for bit, with dynamo's DDP graph split on (torch's default) or off (train.ddp_split_graphs=false), and
-    every graph captured under the setting the run asked for. (The tiny models' blocks are far smaller than DDP's
-    smallest bucket, so nothing is split here; bench/ddp_graph_split.py counts the real backbones' graphs.)"""
+    norms bit for bit, with dynamo's DDP graph split on (torch's default, train.ddp_split_graphs=true) or off (our
+    default), and every graph captured under the setting the run asked for. (The tiny models' blocks are far smaller
+    than DDP's smallest bucket, so nothing is split here; bench/ddp_graph_split.py counts real backbones' graphs.)"""
     _, ddp_dir, _ = lora_ddp_run
     for rank in (0, 1):
         runs = json.loads((ddp_dir / f"rank_{rank}.json").read_text())["ddp_runs"]

@@ -195,7 +195,7 @@ def test_defaults_and_cli_show_the_options(capsys):
         assert f'"{key}"' in out
     assert (t.ddp_comm_hook, t.ddp_bucket_mb) == ("none", 25)  # torch's bucket size
     assert t.ddp_static_graph is False and t.ddp_grad_as_bucket_view is False and t.ddp_broadcast_buffers is True
-    assert t.ddp_split_graphs is True and '"ddp_split_graphs"' in out  # torch's default: dynamo's DDPOptimizer
+    assert t.ddp_split_graphs is False and '"ddp_split_graphs"' in out  # not torch's: one graph per compiled block
 
 
 def test_compile_traces_the_step_modules_and_checkpoints_load_without_compile(cross_runs, tmp_path, monkeypatch):
@@ -543,19 +543,20 @@ def test_ddp_split_graphs_sets_dynamos_ddp_split_under_compiled_ddp_only(monkeyp
         return [r.getMessage() for r in caplog.records]
 
     ddp = _accelerator("MULTI_GPU")
-    assert apply(ddp, compile=True, ddp_split_graphs=False) == [
+    assert apply(ddp, compile=True) == [
         "compile under DDP: one graph per block (train.ddp_split_graphs=false)"]  # fmt: skip
     assert torch._dynamo.config.optimize_ddp is False
-    assert apply(_accelerator("MULTI_CPU"), compile=True) == [
+    assert apply(_accelerator("MULTI_CPU"), compile=True, ddp_split_graphs=True) == [
         "compile under DDP: split at the gradient buckets (train.ddp_split_graphs=true)"]  # fmt: skip
     assert torch._dynamo.config.optimize_ddp is True  # set back by the next compiled DDP run of the process
-    ignored = ["train.ddp_split_graphs=false ignored: it applies to train.compile=true under DDP only"]
+    ignored = ["train.ddp_split_graphs=true ignored: it applies to train.compile=true under DDP only"]
     no_ddp = (_accelerator("NO", 1), _accelerator("MULTI_GPU", 1), _accelerator("FSDP"))
     for acc, options in ((ddp, {"compile": False}), *((acc, {"compile": True}) for acc in no_ddp)):
-        assert apply(acc, ddp_split_graphs=False, **options) == ignored, (acc, options)
+        assert apply(acc, ddp_split_graphs=True, **options) == ignored, (acc, options)
         assert torch._dynamo.config.optimize_ddp is True
         assert apply(acc, **options) == []  # at its default: silent
-    distill.check_ddp_accelerator(_ddp_config(ddp_split_graphs=False), _accelerator("MULTI_CPU"), sharded=False)
+        assert torch._dynamo.config.optimize_ddp is True  # dynamo's setting left alone
+    distill.check_ddp_accelerator(_ddp_config(ddp_split_graphs=True), _accelerator("MULTI_CPU"), sharded=False)
 
 
 def test_ddp_run_refuses_an_accelerator_without_the_options_and_a_bf16_hook_torch_refuses(monkeypatch):
@@ -609,7 +610,7 @@ def test_ddp_options_are_resume_safe_and_ignored_on_one_process(cross_runs, tmp_
 
     folder, cfg = cross_runs
     tuned = _cfg(cfg, ddp_comm_hook="fp16", ddp_bucket_mb=1, ddp_static_graph=True, ddp_grad_as_bucket_view=True,
-                 ddp_broadcast_buffers=False, ddp_split_graphs=False)  # fmt: skip
+                 ddp_broadcast_buffers=False, ddp_split_graphs=True)  # fmt: skip
     assert config_hash(tuned, distill.DISTILL_RESUME_SAFE) == config_hash(cfg, distill.DISTILL_RESUME_SAFE)
     older = tmp_path / "older"  # config.json of a version without the keys
     prepare_run_dir(older, cfg, resume_safe=distill.DISTILL_RESUME_SAFE)

@@ -162,13 +162,14 @@ class TrainConfig:
     # its 0.9 GB positional table). Our models' buffers are constants that every rank builds alike: false skips it.
     # Profiled on 2 x H100 (compiled SD3.5-M preset): ~2.6 ms per generator update, so torch's default stays
     ddp_broadcast_buffers: bool = True
-    # train.compile under DDP: dynamo's DDPOptimizer splits each compiled graph where DDP's gradient buckets end, so a
-    # bucket's all-reduce can start inside that graph's backward (torch._dynamo.config.optimize_ddp, torch's default).
-    # train.compile compiles block by block, and the real blocks outgrow a bucket, so the split cuts the blocks
-    # themselves (bench/ddp_graph_split.py, 25 MiB buckets: SD3.5-M with 4 of its blocks, 17 graphs instead of 2; the
-    # SD 1.5 UNet, 61 instead of 19). False keeps one graph per block: its gradients are all-reduced when its
-    # backward ends, beside the next block's backward.
-    ddp_split_graphs: bool = True
+    # train.compile under DDP: true lets dynamo's DDPOptimizer split each compiled graph where DDP's gradient buckets
+    # end, so a bucket's all-reduce can start inside that graph's backward (torch._dynamo.config.optimize_ddp, torch's
+    # default). train.compile compiles block by block, and the real blocks outgrow a bucket, so the split cuts the
+    # blocks themselves (bench/ddp_graph_split.py, 25 MiB buckets: SD3.5-M with 4 of its blocks, 17 graphs instead of
+    # 2; the SD 1.5 UNet, 61 instead of 19). False (ours) keeps one graph per block: its gradients are all-reduced when
+    # its backward ends, beside the next block's backward. Compiled SD3.5-M preset on 4 x H100, each DDP pair against a
+    # one-process run on the same host: false 1.86x and 1.91x, true 1.71x (docs/performance.md, session 14).
+    ddp_split_graphs: bool = False
 
 
 @dataclass(kw_only=True)
@@ -338,8 +339,9 @@ def apply_ddp_graph_split(t: TrainConfig, accelerator) -> None:
         if accelerator.is_main_process:
             how = "split at the gradient buckets" if t.ddp_split_graphs else "one graph per block"
             logger.info("compile under DDP: %s (train.ddp_split_graphs=%s)", how, str(t.ddp_split_graphs).lower())
-    elif not t.ddp_split_graphs and accelerator.is_main_process:
-        logger.info("train.ddp_split_graphs=false ignored: it applies to train.compile=true under DDP only")
+    elif t.ddp_split_graphs != TrainConfig.ddp_split_graphs and accelerator.is_main_process:
+        logger.info("train.ddp_split_graphs=%s ignored: it applies to train.compile=true under DDP only",
+                    str(t.ddp_split_graphs).lower())
 
 
 def make_accelerator(cfg: DistillConfig, run_dir: str | Path) -> Accelerator:
