@@ -165,3 +165,73 @@ def test_inductor_tuning_is_ignored_with_a_warning_on_cpu():
     assert runner._step == runner._eager_step  # nothing compiled on CPU
     expected = reference_images(unet, vae, embeds, noise, "epsilon")
     assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("timestep", [999, 500])
+def test_constant_time_embedding_gives_the_same_images(timestep):
+    """Each ResNet block's time projection returns its recorded output at the runner's timestep: the same images as
+    diffusers computes at that timestep, for any prompt and noise; a state dict without new keys; switched back."""
+    from crossdistill.models.constant_time import ConstantTimeProjection, disable_constant_time_projection
+
+    unet, vae = tiny_models()
+    keys = set(unet.state_dict())
+    embeds, noise = torch.randn(2, 5, 16), torch.randn(2, 4, 8, 8)
+    expected = reference_images(unet, vae, embeds, noise, "epsilon", timestep=timestep)
+    options = FastPathOptions(dtype="float32", channels_last=True, compile=None, cuda_graphs=False,
+                              constant_time_embedding=True)  # fmt: skip
+    runner = OneStepRunner(unet, vae, options=options, timestep=timestep)
+    resnets = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert len(resnets) == 8 and all(type(r.time_emb_proj) is ConstantTimeProjection for r in resnets)
+    assert set(unet.state_dict()) == keys
+    images = runner(embeds, noise)
+    assert (images - expected).abs().max().item() < 1e-5
+    assert (runner(torch.randn(2, 5, 16), noise) - images).abs().max().item() > 1e-3
+    # the constants are the timestep's: recorded at another one, the images differ
+    other = reference_images(unet, vae, embeds, noise, "epsilon", timestep=999 if timestep != 999 else 500)
+    assert (images - other).abs().max().item() > 1e-3
+    assert disable_constant_time_projection(unet) == 8
+    assert all(type(r.time_emb_proj) is torch.nn.Linear and not hasattr(r.time_emb_proj, "_constant") for r in resnets)
+    assert (reference_images(unet, vae, embeds, noise, "epsilon", timestep=timestep) - expected).abs().max() < 1e-5
+
+
+def test_constant_time_embedding_leaves_the_time_mlp_out_of_the_compiled_graph():
+    """Under torch.compile the time MLP's result feeds nothing: after FX's dead-code elimination (which inductor runs
+    on the graph it gets), the step holds 10 linear ops fewer: 2 in the time MLP, 1 per ResNet block."""
+    captured = []
+
+    def backend(gm, _inputs):
+        gm.graph.eliminate_dead_code()
+        captured.append(sum(n.op == "call_function" and "linear" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    counts = []
+    for constant in (False, True):
+        torch._dynamo.reset()
+        captured.clear()
+        unet, vae = tiny_models()
+        options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False,
+                                  constant_time_embedding=constant)  # fmt: skip
+        runner = OneStepRunner(unet, vae, options=options)
+        torch.compile(runner._eager_step, backend=backend)(torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8))
+        counts.append(sum(captured))
+    torch._dynamo.reset()
+    assert counts[0] - counts[1] == 10, counts
+
+
+def test_constant_time_embedding_leaves_a_unet_with_other_time_inputs_alone():
+    """A time embedding that also depends on class labels (or SDXL's added embedding) is not constant: a warning,
+    and the modules stay as they were."""
+    from crossdistill.models.constant_time import enable_constant_time_projection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=8,
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+                                class_embed_type="timestep").eval()  # fmt: skip
+    assert enable_constant_time_projection(unet, torch.tensor([999])) == 0
+    _, vae = tiny_models()
+    options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False,
+                              constant_time_embedding=True)  # fmt: skip
+    with pytest.warns(UserWarning, match="constant_time_embedding ignored"):
+        OneStepRunner(unet, vae, options=options)
+    assert not any(type(m).__name__ == "ConstantTimeProjection" for m in unet.modules())

@@ -50,10 +50,16 @@ memory. The options below remove those costs one at a time (docs/performance.md 
   has wide heads (the VAE) keeps them unfused. Works on CPU too;
 - ``pad_narrow_convs``: the convolutions with 3 or 4 input or output channels (the UNet's and the decoder's first and
   last) run with zero channels appended up to 8 and the output sliced back (:mod:`crossdistill.models.narrow_conv`):
-  the same function, in the channel counts cuDNN's tensor-core kernels take. Works on CPU too.
+  the same function, in the channel counts cuDNN's tensor-core kernels take. Works on CPU too;
+- ``constant_time_embedding``: the UNet runs at one timestep, so everything it computes from the timestep alone is the
+  same on every call; each ResNet block's ``time_emb_proj`` returns its output at that timestep, recorded once at
+  construction (:mod:`crossdistill.models.constant_time`), and the compiler drops the time MLP that fed it: ~25 fewer
+  kernels per call (H100, batch 1: 10.42 → 10.16 ms, one run). A UNet whose time embedding also depends on other
+  inputs (SDXL's added embedding, class labels) is left as it is, with a warning. Works on CPU too.
 
 On a CPU only ``dtype``, ``channels_last``, ``fuse_qkv``, ``subpixel_upsample``, ``channel_stats_norm``,
-``wide_head_attention`` and ``pad_narrow_convs`` apply; the result equals the plain eager path up to rounding.
+``wide_head_attention``, ``pad_narrow_convs`` and ``constant_time_embedding`` apply; the result equals the plain eager
+path up to rounding.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from crossdistill.errors import ConfigError
+from crossdistill.models.constant_time import enable_constant_time_projection
 from crossdistill.models.groupnorm import enable_channel_stats_group_norm
 from crossdistill.models.narrow_conv import enable_padded_narrow_convs
 from crossdistill.models.subpixel import enable_subpixel_upsample
@@ -114,6 +121,7 @@ class FastPathOptions:
     channel_stats_norm: bool = True  # GroupNorm statistics per channel, then per group (models/groupnorm.py)
     wide_head_attention: bool = True  # heads wider than 256 as matmuls, not the mem-efficient kernel (wide_attention)
     pad_narrow_convs: bool = False  # convs with 3/4 channels run padded to 8 channels, exactly (models/narrow_conv.py)
+    constant_time_embedding: bool = True  # time_emb_proj outputs recorded at the timestep (models/constant_time.py)
     inductor_config: dict = field(default_factory=dict)  # extra torch._inductor.config settings for the compile
     decode_inductor_config: dict = field(default_factory=dict)  # more settings for the decode only (its own graph)
 
@@ -250,6 +258,10 @@ class OneStepRunner:
                 enable_padded_narrow_convs(m)
         # A device tensor, so the timestep never forces a host→device copy inside a captured graph.
         self.timestep = torch.full((1,), timestep, device=self.device, dtype=torch.long)
+        # last: it records what the UNet computes in its final form
+        if self.options.constant_time_embedding and not enable_constant_time_projection(self.unet, self.timestep):
+            warnings.warn("constant_time_embedding ignored: this UNet's time embedding depends on more than the "
+                          "timestep (class labels, an added embedding or timestep_cond)", stacklevel=2)  # fmt: skip
 
         self._compiled_graphs = compile_mode in ("reduce-overhead", "max-autotune")
         self._step: Callable[[Tensor, Tensor], Tensor] = self._eager_step
