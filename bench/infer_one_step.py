@@ -3,7 +3,8 @@
 Every variant runs :class:`crossdistill.export.fast.OneStepRunner` with one set of options; the first variant
 (all options off, bf16) is the eager diffusers baseline, measured in the same run, and the second is the library
 default (compile + our CUDA graphs + channels_last + per-channel GroupNorm statistics + matmul attention for the
-VAE's wide head), so new options compare against both in one run. Random weights at the real SD 1.5 sizes.
+VAE's wide head + the time embedding as constants), so new options compare against both in one run. Random
+weights at the real SD 1.5 sizes.
 Goals (issue 7): batch 1 ≤ 10 ms; batch 8 ≥ 2× the eager images/s.
 
 Right after the default variant (cheapest first):
@@ -49,6 +50,7 @@ from common import (
     write_report,
 )
 from crossdistill.export.fast import SD15_SCALE, FastPathOptions, OneStepRunner, has_inductor_setting
+from crossdistill.models.constant_time import disable_constant_time_projection
 from crossdistill.models.groupnorm import disable_channel_stats_group_norm
 from crossdistill.models.narrow_conv import disable_padded_narrow_convs
 from crossdistill.models.subpixel import disable_subpixel_upsample
@@ -74,18 +76,24 @@ TUNING = dict(inductor_tuning=True)
 SUB = dict(subpixel_upsample=True)
 PDL = dict(inductor_config={"triton.enable_pdl": True})
 HAS_PDL = has_inductor_setting("triton.enable_pdl")  # an inductor setting of torch 2.11 and later
+NO_CONST_T = dict(constant_time_embedding=False)
+# inductor's horizontal fusion: independent small Triton kernels launched as one (fewer launches at batch 1)
+COMBO = dict(inductor_config={"combo_kernels": True})
+HAS_COMBO = has_inductor_setting("combo_kernels")
 
 # Costs: on the 16-core H100 machine a cold compile in mode "default" took ~65 s per batch size (two sizes here);
 # coordinate-descent tuning compiles and benchmarks variants of every Triton kernel, max-autotune also every
 # conv/GEMM template, several times longer. Later compiles of the same kernels hit inductor's caches.
 MAIN_VARIANTS: list[tuple[str, dict, float]] = [
     ("eager (diffusers baseline)", EAGER, 15),
-    ("compile + cuda_graphs + channels_last + channel_stats_norm + wide_head_attention (default)", DEFAULT, 150),
+    ("compile + cuda_graphs + channels_last + channel_stats_norm + wide_head_attention + constant_time_embedding "
+     "(default)", DEFAULT, 150),
     ("default without channel_stats_norm, wide_head_attention (the default until 2026-11-26)",
      DEFAULT | dict(channel_stats_norm=False, wide_head_attention=False), 150),
     ("default + fuse_qkv", DEFAULT | FUSE, 150),
     ("default + fuse_qkv + inductor_tuning", DEFAULT | FUSE | TUNING, 400),
     ("default + subpixel_upsample", DEFAULT | SUB, 150),
+    ("default without constant_time_embedding (the default until 2026-11-27)", DEFAULT | NO_CONST_T, 150),
     ("default + subpixel_upsample + inductor_tuning", DEFAULT | SUB | TUNING, 400),
     ("compile max-autotune-no-cudagraphs + cuda_graphs + channels_last + fuse_qkv + inductor_tuning",
      DEFAULT | dict(compile="max-autotune-no-cudagraphs") | FUSE | TUNING, 900),
@@ -125,6 +133,11 @@ EXTRA_VARIANTS: list[tuple[str, dict, float]] = [
     ("default + decode max_autotune", DEFAULT | dict(decode_inductor_config={"max_autotune": True}), 400),
     *([("default + decode max_autotune + PDL", DEFAULT | PDL | dict(decode_inductor_config={"max_autotune": True}),
         400)] if HAS_PDL else []),
+    # Fewer launches at batch 1 (H100, session 14, one run): with constant_time_embedding 10.24 ms against its
+    # 10.16, without it 10.26 against 10.42: the time embedding's kernels were the gain, not the horizontal fusion.
+    *([("default + combo_kernels", DEFAULT | COMBO, 150),
+       ("default without constant_time_embedding + combo_kernels", DEFAULT | NO_CONST_T | COMBO, 150)]
+      if HAS_COMBO else []),
 ]  # fmt: skip
 SPLIT_COST_S = 140  # two more compiled + captured graphs (UNet part, decode part) per batch size
 PROFILE_COST_S = 15
@@ -168,7 +181,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def restore(unet, vae) -> None:
     """Undo what a runner did to the shared modules in place (fused q/k/v, sub-pixel upsamplers, norms, processors,
-    padded convolutions): every variant starts from the stock modules."""
+    padded convolutions, constant time projections): every variant starts from the stock modules."""
     for m in (unet, vae):
         fused = any(type(p).__name__ == "FusedAttnProcessor2_0" for p in m.attn_processors.values())
         if fused and getattr(m, "original_attn_processors", None):
@@ -177,6 +190,7 @@ def restore(unet, vae) -> None:
         disable_channel_stats_group_norm(m)
         disable_wide_head_matmul_attention(m)
         disable_padded_narrow_convs(m)
+    disable_constant_time_projection(unet)
 
 
 def release(device: torch.device) -> None:
