@@ -235,3 +235,65 @@ def test_constant_time_embedding_leaves_a_unet_with_other_time_inputs_alone():
     with pytest.warns(UserWarning, match="constant_time_embedding ignored"):
         OneStepRunner(unet, vae, options=options)
     assert not any(type(m).__name__ == "ConstantTimeProjection" for m in unet.modules())
+
+
+def test_shared_cross_kv_gives_the_same_images():
+    """Every cross-attention reads its keys and values from one projection of the prompt: the images diffusers
+    computes; a raw call to the switched UNet is refused with the fix; switched back, the stock processors."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from crossdistill.models.cross_kv import PrecomputedKVAttnProcessor, disable_shared_cross_kv
+
+    unet, vae = tiny_models()
+    embeds, noise = torch.randn(2, 5, 16), torch.randn(2, 4, 8, 8)
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
+    options = FastPathOptions(dtype="float32", channels_last=True, compile=None, cuda_graphs=False,
+                              shared_cross_kv=True)  # fmt: skip
+    runner = OneStepRunner(unet, vae, options=options)
+    cross = [m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    assert len(cross) == 4 and all(type(m.processor) is PrecomputedKVAttnProcessor for m in cross)
+    assert runner._cross_kv.weight.shape == (sum(2 * m.to_k.weight.shape[0] for m in cross), 16)
+    images = runner(embeds, noise)
+    assert (images - expected).abs().max().item() < 1e-5
+    assert (runner(torch.randn(2, 5, 16), noise) - images).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="takes the shared key/value projection .* got 16: compute it"):
+        unet(noise, 999, encoder_hidden_states=embeds)
+    assert disable_shared_cross_kv(unet) == 4 and all(type(m.processor) is AttnProcessor2_0 for m in cross)
+    assert (reference_images(unet, vae, embeds, noise, "epsilon") - expected).abs().max().item() < 1e-5
+
+
+def test_shared_cross_kv_makes_one_projection_of_the_prompt_in_the_compiled_graph():
+    """The 4 cross-attentions' 8 key and value projections become one linear op in the graph torch.compile gets."""
+    captured = []
+
+    def backend(gm, _inputs):
+        gm.graph.eliminate_dead_code()
+        captured.append(sum(n.op == "call_function" and "linear" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    counts = []
+    for shared in (False, True):
+        torch._dynamo.reset()
+        captured.clear()
+        unet, vae = tiny_models()
+        options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False,
+                                  constant_time_embedding=False, shared_cross_kv=shared)  # fmt: skip
+        runner = OneStepRunner(unet, vae, options=options)
+        torch.compile(runner._eager_step, backend=backend)(torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8))
+        counts.append(sum(captured))
+    torch._dynamo.reset()
+    assert counts[0] - counts[1] == 7, counts
+
+
+def test_shared_cross_kv_leaves_fused_projections_alone():
+    """With fuse_qkv the cross-attentions run diffusers' fused processors: shared_cross_kv is ignored with a warning,
+    and the images are still diffusers'."""
+    unet, vae = tiny_models()
+    embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
+    options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False, fuse_qkv=True,
+                              shared_cross_kv=True)  # fmt: skip
+    with pytest.warns(UserWarning, match="shared_cross_kv ignored"):
+        runner = OneStepRunner(unet, vae, options=options)
+    assert runner._cross_kv is None
+    assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5

@@ -55,11 +55,16 @@ memory. The options below remove those costs one at a time (docs/performance.md 
   same on every call; each ResNet block's ``time_emb_proj`` returns its output at that timestep, recorded once at
   construction (:mod:`crossdistill.models.constant_time`), and the compiler drops the time MLP that fed it: ~25 fewer
   kernels per call (H100, batch 1: 10.42 → 10.16 ms, one run). A UNet whose time embedding also depends on other
-  inputs (SDXL's added embedding, class labels) is left as it is, with a warning. Works on CPU too.
+  inputs (SDXL's added embedding, class labels) is left as it is, with a warning. Works on CPU too;
+- ``shared_cross_kv``: the keys and values of every cross-attention (SD 1.5: 16 blocks, 32 small GEMMs over the same
+  77 prompt tokens) come from one GEMM against their concatenated weights, each block reading its slices
+  (:mod:`crossdistill.models.cross_kv`); the same function up to rounding. Not with ``fuse_qkv`` (its fused
+  processors), nor for a UNet whose prompt embeddings reach anything but stock cross-attentions: left as it is, with a
+  warning. Works on CPU too.
 
 On a CPU only ``dtype``, ``channels_last``, ``fuse_qkv``, ``subpixel_upsample``, ``channel_stats_norm``,
-``wide_head_attention``, ``pad_narrow_convs`` and ``constant_time_embedding`` apply; the result equals the plain eager
-path up to rounding.
+``wide_head_attention``, ``pad_narrow_convs``, ``constant_time_embedding`` and ``shared_cross_kv`` apply; the result
+equals the plain eager path up to rounding.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ from torch import Tensor, nn
 
 from crossdistill.errors import ConfigError
 from crossdistill.models.constant_time import enable_constant_time_projection
+from crossdistill.models.cross_kv import enable_shared_cross_kv, project_cross_kv
 from crossdistill.models.groupnorm import enable_channel_stats_group_norm
 from crossdistill.models.narrow_conv import enable_padded_narrow_convs
 from crossdistill.models.subpixel import enable_subpixel_upsample
@@ -122,6 +128,7 @@ class FastPathOptions:
     wide_head_attention: bool = True  # heads wider than 256 as matmuls, not the mem-efficient kernel (wide_attention)
     pad_narrow_convs: bool = False  # convs with 3/4 channels run padded to 8 channels, exactly (models/narrow_conv.py)
     constant_time_embedding: bool = True  # time_emb_proj outputs recorded at the timestep (models/constant_time.py)
+    shared_cross_kv: bool = False  # every cross-attention's keys/values from one GEMM (models/cross_kv.py)
     inductor_config: dict = field(default_factory=dict)  # extra torch._inductor.config settings for the compile
     decode_inductor_config: dict = field(default_factory=dict)  # more settings for the decode only (its own graph)
 
@@ -262,6 +269,11 @@ class OneStepRunner:
         if self.options.constant_time_embedding and not enable_constant_time_projection(self.unet, self.timestep):
             warnings.warn("constant_time_embedding ignored: this UNet's time embedding depends on more than the "
                           "timestep (class labels, an added embedding or timestep_cond)", stacklevel=2)  # fmt: skip
+        self._cross_kv = enable_shared_cross_kv(self.unet) if self.options.shared_cross_kv else None
+        if self.options.shared_cross_kv and self._cross_kv is None:
+            warnings.warn("shared_cross_kv ignored: the prompt embeddings reach more than stock cross-attentions in "
+                          "this UNet (fuse_qkv, custom processors, norm_cross or an encoder projection)",
+                          stacklevel=2)  # fmt: skip
 
         self._compiled_graphs = compile_mode in ("reduce-overhead", "max-autotune")
         self._step: Callable[[Tensor, Tensor], Tensor] = self._eager_step
@@ -293,7 +305,10 @@ class OneStepRunner:
         memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
         z = noise.to(dtype=self.dtype).contiguous(memory_format=memory_format)
         t = self.timestep.expand(noise.shape[0])
-        out = self.unet(z, t, encoder_hidden_states=prompt_embeds.to(self.dtype), return_dict=False)[0].float()
+        context = prompt_embeds.to(self.dtype)
+        if self._cross_kv is not None:  # every cross-attention's keys and values, one GEMM
+            context = project_cross_kv(self._cross_kv, context)
+        out = self.unet(z, t, encoder_hidden_states=context, return_dict=False)[0].float()
         z32 = noise.float()
         if self.prediction_type == "epsilon":
             x0 = (z32 - self.sqrt_1m_ab * out) / self.sqrt_ab
