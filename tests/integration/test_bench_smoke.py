@@ -30,6 +30,7 @@ def test_infer_one_step_tiny(tmp_path):
     assert rows, "no variant ran"
     assert "error" not in rows["default + subpixel_upsample"]
     assert "error" not in next(row for name, row in rows.items() if "the default until 2026-11-27" in name)
+    assert "error" not in rows["default + shared_cross_kv"]
     assert "error" not in next(row for name, row in rows.items() if "the default until 2026-11-26" in name)
     baseline = report["results"][0]
     assert baseline["name"].startswith("eager")
