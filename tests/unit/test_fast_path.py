@@ -297,3 +297,15 @@ def test_shared_cross_kv_leaves_fused_projections_alone():
         runner = OneStepRunner(unet, vae, options=options)
     assert runner._cross_kv is None
     assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5
+
+
+def test_a_second_runner_on_the_same_modules_starts_from_the_stock_ones():
+    """Every option that switches modules in place, twice on the same modules (as a second runner would): the second
+    runner records its constants from the stock modules, and its images are still diffusers'."""
+    unet, vae = tiny_models()
+    embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
+    options = FastPathOptions(dtype="float32", channels_last=True, compile=None, cuda_graphs=False,
+                              shared_cross_kv=True, subpixel_upsample=True, pad_narrow_convs=True)  # fmt: skip
+    OneStepRunner(unet, vae, options=options)
+    assert (OneStepRunner(unet, vae, options=options)(embeds, noise) - expected).abs().max().item() < 1e-5

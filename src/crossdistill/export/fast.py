@@ -79,7 +79,7 @@ from torch import Tensor, nn
 
 from crossdistill.errors import ConfigError
 from crossdistill.models.constant_time import enable_constant_time_projection
-from crossdistill.models.cross_kv import enable_shared_cross_kv, project_cross_kv
+from crossdistill.models.cross_kv import disable_shared_cross_kv, enable_shared_cross_kv, project_cross_kv
 from crossdistill.models.groupnorm import enable_channel_stats_group_norm
 from crossdistill.models.narrow_conv import enable_padded_narrow_convs
 from crossdistill.models.subpixel import enable_subpixel_upsample
@@ -265,7 +265,9 @@ class OneStepRunner:
                 enable_padded_narrow_convs(m)
         # A device tensor, so the timestep never forces a host→device copy inside a captured graph.
         self.timestep = torch.full((1,), timestep, device=self.device, dtype=torch.long)
-        # last: it records what the UNet computes in its final form
+        # last: it records what the UNet computes in its final form (an earlier runner's shared keys/values undone
+        # first: the recording calls the UNet with plain prompt embeddings)
+        disable_shared_cross_kv(self.unet)
         if self.options.constant_time_embedding and not enable_constant_time_projection(self.unet, self.timestep):
             warnings.warn("constant_time_embedding ignored: this UNet's time embedding depends on more than the "
                           "timestep (class labels, an added embedding or timestep_cond)", stacklevel=2)  # fmt: skip

@@ -92,10 +92,9 @@ def _qualifies(unet: nn.Module, attentions: list[Attention]) -> bool:
         bool(attentions)
         and getattr(unet, "encoder_hid_proj", None) is None
         and getattr(config, "addition_embed_type", None) in (None, "text_time")  # "text", "text_image" read the prompt
-        and getattr(config, "class_embed_type", None) is None
         and all(
             type(a.processor) is AttnProcessor2_0
-            and not a.norm_cross
+            and getattr(a, "norm_cross", None) is None
             and a.spatial_norm is None
             and a.group_norm is None
             and a.norm_q is None
