@@ -194,9 +194,9 @@ def test_constant_time_embedding_gives_the_same_images(timestep):
     assert (reference_images(unet, vae, embeds, noise, "epsilon", timestep=timestep) - expected).abs().max() < 1e-5
 
 
-def test_constant_time_embedding_leaves_the_time_mlp_out_of_the_compiled_graph():
-    """Under torch.compile the time MLP's result feeds nothing: after FX's dead-code elimination (which inductor runs
-    on the graph it gets), the step holds 10 linear ops fewer: 2 in the time MLP, 1 per ResNet block."""
+def linear_ops_in_compiled_step(**options) -> int:
+    """The linear ops in the graphs torch.compile hands its backend for the tiny runner's step, after FX's dead-code
+    elimination (which inductor runs on the graph it gets)."""
     captured = []
 
     def backend(gm, _inputs):
@@ -204,18 +204,22 @@ def test_constant_time_embedding_leaves_the_time_mlp_out_of_the_compiled_graph()
         captured.append(sum(n.op == "call_function" and "linear" in str(n.target) for n in gm.graph.nodes))
         return gm.forward
 
-    counts = []
-    for constant in (False, True):
-        torch._dynamo.reset()
-        captured.clear()
-        unet, vae = tiny_models()
-        options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False,
-                                  constant_time_embedding=constant)  # fmt: skip
-        runner = OneStepRunner(unet, vae, options=options)
-        torch.compile(runner._eager_step, backend=backend)(torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8))
-        counts.append(sum(captured))
     torch._dynamo.reset()
-    assert counts[0] - counts[1] == 10, counts
+    try:
+        unet, vae = tiny_models()
+        runner = OneStepRunner(unet, vae, options=FastPathOptions(dtype="float32", channels_last=False, compile=None,
+                                                                  cuda_graphs=False, **options))  # fmt: skip
+        torch.compile(runner._eager_step, backend=backend)(torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8))
+    finally:
+        torch._dynamo.reset()
+    return sum(captured)
+
+
+def test_constant_time_embedding_leaves_the_time_mlp_out_of_the_compiled_graph():
+    """Under torch.compile the time MLP's result feeds nothing: the step holds 10 linear ops fewer, 2 in the time MLP
+    and 1 per ResNet block."""
+    off, on = (linear_ops_in_compiled_step(constant_time_embedding=c) for c in (False, True))
+    assert off - on == 10, (off, on)
 
 
 def test_constant_time_embedding_leaves_a_unet_with_other_time_inputs_alone():
@@ -264,25 +268,8 @@ def test_shared_cross_kv_gives_the_same_images():
 
 def test_shared_cross_kv_makes_one_projection_of_the_prompt_in_the_compiled_graph():
     """The 4 cross-attentions' 8 key and value projections become one linear op in the graph torch.compile gets."""
-    captured = []
-
-    def backend(gm, _inputs):
-        gm.graph.eliminate_dead_code()
-        captured.append(sum(n.op == "call_function" and "linear" in str(n.target) for n in gm.graph.nodes))
-        return gm.forward
-
-    counts = []
-    for shared in (False, True):
-        torch._dynamo.reset()
-        captured.clear()
-        unet, vae = tiny_models()
-        options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False,
-                                  constant_time_embedding=False, shared_cross_kv=shared)  # fmt: skip
-        runner = OneStepRunner(unet, vae, options=options)
-        torch.compile(runner._eager_step, backend=backend)(torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8))
-        counts.append(sum(captured))
-    torch._dynamo.reset()
-    assert counts[0] - counts[1] == 7, counts
+    off, on = (linear_ops_in_compiled_step(constant_time_embedding=False, shared_cross_kv=s) for s in (False, True))
+    assert off - on == 7, (off, on)
 
 
 def test_shared_cross_kv_leaves_fused_projections_alone():
