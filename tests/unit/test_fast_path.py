@@ -15,7 +15,8 @@ CPU_FP32 = FastPathOptions(dtype="float32", channels_last=False, compile=None, c
 CPU_FUSED = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False, fuse_qkv=True)
 
 
-def tiny_models(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+def tiny_models(seed: int = 0, **unet_config) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """A tiny SD-shaped UNet and VAE; ``unet_config`` adds settings to the UNet's config."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -28,6 +29,7 @@ def tiny_models(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL]:
         cross_attention_dim=16,
         attention_head_dim=8,
         norm_num_groups=8,
+        **unet_config,
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -227,13 +229,8 @@ def test_constant_time_embedding_leaves_a_unet_with_other_time_inputs_alone():
     and the modules stay as they were."""
     from crossdistill.models.constant_time import enable_constant_time_projection
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=8,
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
-                                class_embed_type="timestep").eval()  # fmt: skip
+    unet, vae = tiny_models(class_embed_type="timestep")
     assert enable_constant_time_projection(unet, torch.tensor([999])) == 0
-    _, vae = tiny_models()
     options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False,
                               constant_time_embedding=True)  # fmt: skip
     with pytest.warns(UserWarning, match="constant_time_embedding ignored"):
