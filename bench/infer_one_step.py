@@ -97,6 +97,8 @@ MAIN_VARIANTS: list[tuple[str, dict, float]] = [
     ("default without constant_time_embedding (the default until 2026-11-27)", DEFAULT | NO_CONST_T, 150),
     # one GEMM for every cross-attention's keys and values instead of 32 (not measured yet)
     ("default + shared_cross_kv", DEFAULT | dict(shared_cross_kv=True), 140),
+    # and the self-attentions' q/k/v fused too (fuse_qkv beside shared_cross_kv fuses only those)
+    ("default + shared_cross_kv + fuse_qkv", DEFAULT | dict(shared_cross_kv=True) | FUSE, 150),
     # the two FLOP/launch savers together: sub-pixel upsampling was a tie at batch 1 before constant_time_embedding
     ("default + shared_cross_kv + subpixel_upsample", DEFAULT | dict(shared_cross_kv=True) | SUB, 150),
     ("default + subpixel_upsample + inductor_tuning", DEFAULT | SUB | TUNING, 400),

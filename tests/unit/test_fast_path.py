@@ -269,16 +269,53 @@ def test_shared_cross_kv_makes_one_projection_of_the_prompt_in_the_compiled_grap
     assert off - on == 7, (off, on)
 
 
-def test_shared_cross_kv_leaves_fused_projections_alone():
-    """With fuse_qkv the cross-attentions run diffusers' fused processors: shared_cross_kv is ignored with a warning,
-    and the images are still diffusers'."""
+def test_fuse_qkv_beside_shared_cross_kv_fuses_the_self_attentions_only():
+    """With both options the self-attentions run fused q/k/v, the cross-attentions read the shared keys/values: the
+    images are diffusers'; corrupting a fused weight changes them (the fused path runs); unfusing restores the stock
+    processors."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from crossdistill.models.cross_kv import PrecomputedKVAttnProcessor
+
     unet, vae = tiny_models()
     embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
     expected = reference_images(unet, vae, embeds, noise, "epsilon")
     options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False, fuse_qkv=True,
                               shared_cross_kv=True)  # fmt: skip
+    runner = OneStepRunner(unet, vae, options=options)
+    attns = [m for m in unet.modules() if isinstance(m, Attention)]
+    selfs, cross = [a for a in attns if not a.is_cross_attention], [a for a in attns if a.is_cross_attention]
+    assert len(selfs) == len(cross) == 4 and runner._cross_kv is not None
+    assert all(type(a.processor).__name__ == "FusedAttnProcessor2_0" and hasattr(a, "to_qkv") for a in selfs)
+    assert all(type(a.processor) is PrecomputedKVAttnProcessor and not hasattr(a, "to_kv") for a in cross)
+    images = runner(embeds, noise)
+    assert (images - expected).abs().max().item() < 1e-5
+    with torch.no_grad():
+        selfs[0].to_qkv.weight.mul_(3.0)
+    assert (runner(embeds, noise) - images).abs().max().item() > 1e-4
+    unet.unfuse_qkv_projections()
+    assert all(type(a.processor) is AttnProcessor2_0 for a in selfs)
+
+
+def test_fuse_qkv_beside_shared_cross_kv_makes_one_linear_op_per_self_attention():
+    """On top of the shared keys/values, fuse_qkv turns the 4 UNet and 1 VAE self-attentions' 3 projections into 1."""
+    shared, both = (linear_ops_in_compiled_step(shared_cross_kv=True, fuse_qkv=f) for f in (False, True))
+    assert shared - both == 10, (shared, both)
+
+
+def test_runners_alternating_fuse_qkv_with_and_without_shared_cross_kv():
+    """Runners on the same modules: fuse_qkv alone after fuse_qkv + shared keys/values fuses everything; then both
+    options find the cross-attentions fused and leave shared_cross_kv off, with a warning. Images stay diffusers'."""
+    unet, vae = tiny_models()
+    embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
+    both = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False, fuse_qkv=True,
+                           shared_cross_kv=True)  # fmt: skip
+    assert (OneStepRunner(unet, vae, options=both)(embeds, noise) - expected).abs().max().item() < 1e-5
+    assert (OneStepRunner(unet, vae, options=CPU_FUSED)(embeds, noise) - expected).abs().max().item() < 1e-5
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
     with pytest.warns(UserWarning, match="shared_cross_kv ignored"):
-        runner = OneStepRunner(unet, vae, options=options)
+        runner = OneStepRunner(unet, vae, options=both)
     assert runner._cross_kv is None
     assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5
 

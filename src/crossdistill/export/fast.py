@@ -58,9 +58,9 @@ memory. The options below remove those costs one at a time (docs/performance.md 
   inputs (SDXL's added embedding, class labels) is left as it is, with a warning. Works on CPU too;
 - ``shared_cross_kv``: the keys and values of every cross-attention (SD 1.5: 16 blocks, 32 small GEMMs over the same
   77 prompt tokens) come from one GEMM against their concatenated weights, each block reading its slices
-  (:mod:`crossdistill.models.cross_kv`); the same function up to rounding. Not with ``fuse_qkv`` (its fused
-  processors), nor for a UNet whose prompt embeddings reach anything but stock cross-attentions: left as it is, with a
-  warning. Works on CPU too.
+  (:mod:`crossdistill.models.cross_kv`); the same function up to rounding. With ``fuse_qkv`` too, only the
+  self-attentions are fused (:func:`fuse_self_attention_qkv`). A UNet whose prompt embeddings reach anything but stock
+  cross-attentions is left as it is, with a warning. Works on CPU too.
 
 On a CPU only ``dtype``, ``channels_last``, ``fuse_qkv``, ``subpixel_upsample``, ``channel_stats_norm``,
 ``wide_head_attention``, ``pad_narrow_convs``, ``constant_time_embedding`` and ``shared_cross_kv`` apply; the result
@@ -79,7 +79,12 @@ from torch import Tensor, nn
 
 from crossdistill.errors import ConfigError
 from crossdistill.models.constant_time import enable_constant_time_projection
-from crossdistill.models.cross_kv import disable_shared_cross_kv, enable_shared_cross_kv, project_cross_kv
+from crossdistill.models.cross_kv import (
+    disable_shared_cross_kv,
+    enable_shared_cross_kv,
+    project_cross_kv,
+    shared_cross_kv_applies,
+)
 from crossdistill.models.groupnorm import enable_channel_stats_group_norm
 from crossdistill.models.narrow_conv import enable_padded_narrow_convs
 from crossdistill.models.subpixel import enable_subpixel_upsample
@@ -186,12 +191,40 @@ def fuse_qkv_projections(module: nn.Module) -> None:
     kinds = {type(p).__name__ for p in module.attn_processors.values()}
     if kinds <= {"FusedAttnProcessor2_0"}:
         return
+    if "FusedAttnProcessor2_0" in kinds and getattr(module, "original_attn_processors", None):
+        module.unfuse_qkv_projections()  # an earlier runner fused the self-attentions only: start from the originals
+        kinds = {type(p).__name__ for p in module.attn_processors.values()}
     if not kinds <= set(STOCK_PROCESSORS):
         raise ConfigError(
             f"fuse_qkv: {name} uses attention processors {sorted(kinds)}; fusing would replace them with "
             f"FusedAttnProcessor2_0 (only {' / '.join(STOCK_PROCESSORS)} can be fused without changing the model)"
         )
     module.fuse_qkv_projections()
+
+
+def fuse_self_attention_qkv(module: nn.Module) -> int:
+    """Fuse q, k and v of ``module``'s self-attentions only (one ``to_qkv`` Linear each, run by
+    ``FusedAttnProcessor2_0``), leaving its cross-attentions as they are: what ``fuse_qkv`` does beside
+    ``shared_cross_kv``, whose one GEMM already gives every cross-attention its keys and values. Returns how many were
+    fused. Like diffusers' ``fuse_qkv_projections()`` it keeps the processors it replaces in
+    ``original_attn_processors``, so ``unfuse_qkv_projections()`` restores them; a module whose self-attentions are
+    fused already is left alone. The same stock-processor check as :func:`fuse_qkv_projections`."""
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    selfs = [m for m in module.modules() if isinstance(m, Attention) and not m.is_cross_attention]
+    kinds = {type(m.processor).__name__ for m in selfs}
+    if not selfs or kinds <= {"FusedAttnProcessor2_0"}:
+        return 0
+    if not kinds <= set(STOCK_PROCESSORS):
+        raise ConfigError(
+            f"fuse_qkv: {type(module).__name__} uses attention processors {sorted(kinds)}; fusing would replace them "
+            f"with FusedAttnProcessor2_0 (only {' / '.join(STOCK_PROCESSORS)} can be fused without changing the model)"
+        )
+    module.original_attn_processors = module.attn_processors
+    for m in selfs:
+        m.fuse_projections(fuse=True)
+        m.set_processor(FusedAttnProcessor2_0())
+    return len(selfs)
 
 
 class OneStepRunner:
@@ -251,9 +284,15 @@ class OneStepRunner:
         )
         wide = [self.options.wide_head_attention and enable_wide_head_matmul_attention(m) > 0
                 for m in (self.unet, self.vae)]  # fmt: skip
+        # an earlier runner's shared keys/values undone first: they are decided again below
+        disable_shared_cross_kv(self.unet)
         if self.options.fuse_qkv:  # after the move: the fused weights are concatenated on the device, in dtype
             for m, has_wide_heads in zip((self.unet, self.vae), wide):
-                if not has_wide_heads:  # a module with wide heads (the VAE) keeps its faster unfused matmul attention
+                if has_wide_heads:  # a module with wide heads (the VAE) keeps its faster unfused matmul attention
+                    continue
+                if m is self.unet and self.options.shared_cross_kv and shared_cross_kv_applies(m):
+                    fuse_self_attention_qkv(m)  # the cross-attentions' keys/values come from the shared GEMM
+                else:
                     fuse_qkv_projections(m)
         for m in (self.unet, self.vae):  # after fusing: the new fused Linears are trainable when created
             m.eval().requires_grad_(False)
@@ -265,16 +304,15 @@ class OneStepRunner:
                 enable_padded_narrow_convs(m)
         # A device tensor, so the timestep never forces a host→device copy inside a captured graph.
         self.timestep = torch.full((1,), timestep, device=self.device, dtype=torch.long)
-        # last: it records what the UNet computes in its final form (an earlier runner's shared keys/values undone
-        # first: the recording calls the UNet with plain prompt embeddings)
-        disable_shared_cross_kv(self.unet)
+        # last: it records what the UNet computes in its final form (the shared keys/values are switched on after it:
+        # the recording calls the UNet with plain prompt embeddings)
         if self.options.constant_time_embedding and not enable_constant_time_projection(self.unet, self.timestep):
             warnings.warn("constant_time_embedding ignored: this UNet's time embedding depends on more than the "
                           "timestep (class labels, an added embedding or timestep_cond)", stacklevel=2)  # fmt: skip
         self._cross_kv = enable_shared_cross_kv(self.unet) if self.options.shared_cross_kv else None
         if self.options.shared_cross_kv and self._cross_kv is None:
             warnings.warn("shared_cross_kv ignored: the prompt embeddings reach more than stock cross-attentions in "
-                          "this UNet (fuse_qkv, custom processors, norm_cross or an encoder projection)",
+                          "this UNet (fused or custom processors, norm_cross or an encoder projection)",
                           stacklevel=2)  # fmt: skip
 
         self._compiled_graphs = compile_mode in ("reduce-overhead", "max-autotune")

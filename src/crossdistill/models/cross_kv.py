@@ -105,6 +105,11 @@ def _qualifies(unet: nn.Module, attentions: list[Attention]) -> bool:
     )
 
 
+def shared_cross_kv_applies(unet: nn.Module) -> bool:
+    """Whether :func:`enable_shared_cross_kv` would switch ``unet`` (module docstring)."""
+    return _qualifies(unet, _cross_attentions(unet))
+
+
 @torch.no_grad()
 def enable_shared_cross_kv(unet: nn.Module) -> SharedCrossKV | None:
     """Give every cross-attention of ``unet`` a :class:`PrecomputedKVAttnProcessor` and return the concatenated
