@@ -99,6 +99,10 @@ MAIN_VARIANTS: list[tuple[str, dict, float]] = [
     ("default + shared_cross_kv", DEFAULT | dict(shared_cross_kv=True), 140),
     # and the self-attentions' q/k/v fused too (fuse_qkv beside shared_cross_kv fuses only those)
     ("default + shared_cross_kv + fuse_qkv", DEFAULT | dict(shared_cross_kv=True) | FUSE, 150),
+    # cuDNN times every candidate algorithm per convolution shape, not torch's 10. cuDNN keeps the first choice for a
+    # shape for the life of the process: run it in a process of its own (--only "benchmark_limit" --focus <name>).
+    ("default + shared_cross_kv + fuse_qkv + cudnn_benchmark_limit=0",
+     DEFAULT | dict(shared_cross_kv=True, cudnn_benchmark_limit=0) | FUSE, 200),
     # the two FLOP/launch savers together: sub-pixel upsampling was a tie at batch 1 before constant_time_embedding
     ("default + shared_cross_kv + subpixel_upsample", DEFAULT | dict(shared_cross_kv=True) | SUB, 150),
     ("default + subpixel_upsample + inductor_tuning", DEFAULT | SUB | TUNING, 400),
@@ -192,6 +196,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
 
 
+CUDNN_LIMIT = torch.backends.cudnn.benchmark_limit  # torch's own, before any runner
+
+
 def restore(unet, vae) -> None:
     """Undo what a runner did to the shared modules in place (fused q/k/v, sub-pixel upsamplers, norms, processors,
     padded convolutions, constant time projections, shared cross-attention keys/values): every variant starts from
@@ -206,6 +213,7 @@ def restore(unet, vae) -> None:
         disable_padded_narrow_convs(m)
     disable_constant_time_projection(unet)
     disable_shared_cross_kv(unet)
+    torch.backends.cudnn.benchmark_limit = CUDNN_LIMIT  # a global a runner may have set
 
 
 def release(device: torch.device) -> None:

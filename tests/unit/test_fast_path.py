@@ -79,9 +79,12 @@ def test_runner_equals_eager_diffusers(prediction_type, channels_last):
 def test_cuda_only_options_warn_and_are_ignored_on_cpu():
     unet, vae = tiny_models()
     embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
-    options = FastPathOptions(dtype="float32", channels_last=False, compile="default", cuda_graphs=True)
-    with pytest.warns(UserWarning, match="compile, cuda_graphs ignored"):
+    options = FastPathOptions(dtype="float32", channels_last=False, compile="default", cuda_graphs=True,
+                              cudnn_benchmark_limit=0)  # fmt: skip
+    limit = torch.backends.cudnn.benchmark_limit
+    with pytest.warns(UserWarning, match="compile, cuda_graphs, cudnn_benchmark_limit ignored"):
         runner = OneStepRunner(unet, vae, options=options)
+    assert torch.backends.cudnn.benchmark_limit == limit  # the global setting is left alone off CUDA
     expected = reference_images(unet, vae, embeds, noise, "epsilon")
     assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5
 
@@ -91,6 +94,12 @@ def test_bad_options_raise_config_errors():
         FastPathOptions(dtype="int8")
     with pytest.raises(ConfigError):
         FastPathOptions(compile="reduce-overhead", cuda_graphs=True)
+    for limit in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match="cudnn_benchmark_limit must be an integer >= 0"):
+            FastPathOptions(cudnn_benchmark_limit=limit)
+    with pytest.raises(ConfigError, match="needs cudnn_benchmark=True"):
+        FastPathOptions(cudnn_benchmark=False, cudnn_benchmark_limit=0)
+    assert FastPathOptions(cudnn_benchmark_limit=0).cudnn_benchmark_limit == 0
     unet, vae = tiny_models()
     runner = OneStepRunner(unet, vae, options=CPU_FP32)
     with pytest.raises(ConfigError):

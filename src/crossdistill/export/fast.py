@@ -9,6 +9,10 @@ memory. The options below remove those costs one at a time (docs/performance.md 
   normalisation passes into neighbouring kernels;
 - ``cuda_graphs``: one manually captured CUDA graph per input shape, replayed from static input buffers, so a
   call costs one launch instead of thousands (the step has no data-dependent control flow, so this is exact);
+- ``cudnn_benchmark`` / ``cudnn_benchmark_limit``: cuDNN times its candidate algorithms for each convolution shape
+  at the first call and keeps the fastest; the limit (a global torch setting, ``torch.backends.cudnn.benchmark_limit``)
+  is how many candidates it times, torch's default 10, ``0`` every one it has. cuDNN keeps its choice for a shape for
+  the life of the process, so a limit set after a shape was first run does not change that shape's choice;
 - ``channels_last``: NHWC weights and activations, the layout cuDNN's tensor-core convolutions want;
 - ``dtype``: bf16 or fp16 weights; the x0 formula itself always runs in float32 (it divides by sqrt(ᾱ) ≈ 0.07
   at t = 999, which would amplify half-precision rounding of the UNet's output ~15×);
@@ -126,6 +130,7 @@ class FastPathOptions:
     compile: str | None = "default"  # torch.compile mode of the whole step (COMPILE_MODES), or None for eager; CUDA
     cuda_graphs: bool = True  # capture one CUDA graph per input shape and replay it; CUDA only
     cudnn_benchmark: bool = True  # let cuDNN time its conv algorithms once per shape (sets a global torch flag)
+    cudnn_benchmark_limit: int | None = None  # algorithms cuDNN times per shape (global; None: torch's 10; 0: all)
     fuse_qkv: bool = False  # fused q/k/v (cross-attention: k/v) projections in the UNet and VAE attentions
     inductor_tuning: bool = False  # INDUCTOR_TUNING for this runner's compilations; needs compile; CUDA only
     subpixel_upsample: bool = False  # nearest x2 + 3x3 conv in exact sub-pixel form (models/subpixel.py)
@@ -145,6 +150,11 @@ class FastPathOptions:
         if self.cuda_graphs and self.compile in ("reduce-overhead", "max-autotune"):
             # Those modes already capture CUDA graphs (cudagraph trees); capturing them again inside ours fails.
             raise ConfigError(f"compile mode {self.compile!r} captures its own CUDA graphs: set cuda_graphs=False")
+        limit = self.cudnn_benchmark_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ConfigError(f"cudnn_benchmark_limit must be an integer >= 0 (0: all) or None, got {limit!r}")
+        if limit is not None and not self.cudnn_benchmark:
+            raise ConfigError("cudnn_benchmark_limit bounds cuDNN's benchmarking: it needs cudnn_benchmark=True")
         if self.inductor_tuning and self.compile is None:
             raise ConfigError("inductor_tuning configures torch.compile's inductor backend: it needs compile set")
         for name in ("inductor_config", "decode_inductor_config"):
@@ -271,12 +281,15 @@ class OneStepRunner:
             ("inductor_tuning", self.options.inductor_tuning),
             ("inductor_config", bool(self.options.inductor_config)),
             ("decode_inductor_config", bool(self.options.decode_inductor_config)),
+            ("cudnn_benchmark_limit", self.options.cudnn_benchmark_limit is not None),
         )
         ignored = [name for name, on in cuda_only if on]
         if not on_cuda and ignored:
             warnings.warn(f"fast path on {self.device.type}: {', '.join(ignored)} ignored (CUDA only)", stacklevel=2)
         if on_cuda and self.options.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
+            if self.options.cudnn_benchmark_limit is not None:
+                torch.backends.cudnn.benchmark_limit = self.options.cudnn_benchmark_limit
 
         memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
         self.unet, self.vae = (
