@@ -101,6 +101,8 @@ MAIN_VARIANTS: list[tuple[str, dict, float]] = [
     ("default + shared_cross_kv + fuse_qkv", DEFAULT | dict(shared_cross_kv=True) | FUSE, 150),
     # cuDNN times every candidate algorithm per convolution shape, not torch's 10. cuDNN keeps the first choice for a
     # shape for the life of the process: run it in a process of its own (--only "benchmark_limit" --focus <name>).
+    ("default + shared_cross_kv + cudnn_benchmark_limit=0",
+     DEFAULT | dict(shared_cross_kv=True, cudnn_benchmark_limit=0), 190),
     ("default + shared_cross_kv + fuse_qkv + cudnn_benchmark_limit=0",
      DEFAULT | dict(shared_cross_kv=True, cudnn_benchmark_limit=0) | FUSE, 200),
     # the two FLOP/launch savers together: sub-pixel upsampling was a tie at batch 1 before constant_time_embedding
