@@ -3,8 +3,11 @@
 Every variant runs :class:`crossdistill.export.fast.OneStepRunner` with one set of options; the first variant
 (all options off, bf16) is the eager diffusers baseline, measured in the same run, and the second is the library
 default (compile + our CUDA graphs + channels_last + per-channel GroupNorm statistics + matmul attention for the
-VAE's wide head + the time embedding as constants), so new options compare against both in one run. Random
-weights at the real SD 1.5 sizes.
+VAE's wide head + the time embedding as constants + one GEMM for every cross-attention's keys and values + fused
+self-attention q/k/v + cuDNN timing every algorithm), so new options compare against both in one run. Random
+weights at the real SD 1.5 sizes. cuDNN keeps its first choice per convolution shape for the whole process: a variant
+with another ``cudnn_benchmark_limit`` than an earlier one in the same run reuses that choice (the report notes it),
+so such variants run in a process of their own (``--only NAME --focus NAME``).
 Goals (issue 7): batch 1 ≤ 10 ms; batch 8 ≥ 2× the eager images/s.
 
 Right after the default variant (cheapest first):
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 
 from common import (
     Clock,
@@ -68,9 +72,12 @@ class Variant:
     default: bool = False  # the library default: profile and split run right after it (unless --focus)
 
 
-# Plain diffusers: every option that changes what runs is off.
+# Plain diffusers: every option that changes what runs is off (cuDNN's benchmarking stays on, with torch's limit).
+# Sessions 14 and 15 (until this line listed them) ran it with constant_time_embedding on: ~24 fewer eager launches
+# of the time MLP and projections, so their eager figures are, if anything, a little fast.
 EAGER = dict(dtype="bfloat16", channels_last=False, compile=None, cuda_graphs=False, channel_stats_norm=False,
-             wide_head_attention=False)  # fmt: skip
+             wide_head_attention=False, fuse_qkv=False, subpixel_upsample=False, pad_narrow_convs=False,
+             constant_time_embedding=False, shared_cross_kv=False, cudnn_benchmark_limit=None)  # fmt: skip
 DEFAULT = asdict(FastPathOptions())  # the library default
 FUSE = dict(fuse_qkv=True)
 TUNING = dict(inductor_tuning=True)
@@ -78,6 +85,8 @@ SUB = dict(subpixel_upsample=True)
 PDL = dict(inductor_config={"triton.enable_pdl": True})
 HAS_PDL = has_inductor_setting("triton.enable_pdl")  # an inductor setting of torch 2.11 and later
 NO_CONST_T = dict(constant_time_embedding=False)
+# The default before session 15 (2026-11-27): its cuDNN choices need a process of their own (see the variant table)
+S14 = dict(shared_cross_kv=False, fuse_qkv=False, cudnn_benchmark_limit=None)
 # inductor's horizontal fusion: independent small Triton kernels launched as one (fewer launches at batch 1)
 COMBO = dict(inductor_config={"combo_kernels": True})
 HAS_COMBO = has_inductor_setting("combo_kernels")
@@ -85,34 +94,34 @@ HAS_COMBO = has_inductor_setting("combo_kernels")
 # Costs: on the 16-core H100 machine a cold compile in mode "default" took ~65 s per batch size (two sizes here);
 # coordinate-descent tuning compiles and benchmarks variants of every Triton kernel, max-autotune also every
 # conv/GEMM template, several times longer. Later compiles of the same kernels hit inductor's caches.
+# cuDNN keeps its first algorithm choice per convolution shape for the life of the process (the key holds no
+# cudnn_benchmark_limit), so variants with another limit than the default's compare in processes of their own:
+# --only "<name>" --focus "<name>" runs the eager baseline (NCHW: shapes of its own) and that variant alone.
 MAIN_VARIANTS: list[tuple[str, dict, float]] = [
     ("eager (diffusers baseline)", EAGER, 15),
     ("compile + cuda_graphs + channels_last + channel_stats_norm + wide_head_attention + constant_time_embedding "
-     "(default)", DEFAULT, 150),
-    ("default without channel_stats_norm, wide_head_attention (the default until 2026-11-26)",
-     DEFAULT | dict(channel_stats_norm=False, wide_head_attention=False), 150),
-    ("default + fuse_qkv", DEFAULT | FUSE, 150),
-    ("default + fuse_qkv + inductor_tuning", DEFAULT | FUSE | TUNING, 400),
-    ("default + subpixel_upsample", DEFAULT | SUB, 150),
-    ("default without constant_time_embedding (the default until 2026-11-27)", DEFAULT | NO_CONST_T, 150),
-    # one GEMM for every cross-attention's keys and values instead of 32 (not measured yet)
-    ("default + shared_cross_kv", DEFAULT | dict(shared_cross_kv=True), 140),
-    # and the self-attentions' q/k/v fused too (fuse_qkv beside shared_cross_kv fuses only those)
-    ("default + shared_cross_kv + fuse_qkv", DEFAULT | dict(shared_cross_kv=True) | FUSE, 150),
-    # cuDNN times every candidate algorithm per convolution shape, not torch's 10. cuDNN keeps the first choice for a
-    # shape for the life of the process: run it in a process of its own (--only "benchmark_limit" --focus <name>).
-    ("default + shared_cross_kv + cudnn_benchmark_limit=0",
-     DEFAULT | dict(shared_cross_kv=True, cudnn_benchmark_limit=0), 190),
-    ("default + shared_cross_kv + fuse_qkv + cudnn_benchmark_limit=0",
-     DEFAULT | dict(shared_cross_kv=True, cudnn_benchmark_limit=0) | FUSE, 200),
-    # the two FLOP/launch savers together: sub-pixel upsampling was a tie at batch 1 before constant_time_embedding
-    ("default + shared_cross_kv + subpixel_upsample", DEFAULT | dict(shared_cross_kv=True) | SUB, 150),
+     "+ shared_cross_kv + fuse_qkv + cudnn_benchmark_limit=0 (default)", DEFAULT, 190),
+    # fuse_qkv beside shared_cross_kv fuses only the self-attentions: a tie (9.94–10.08 vs 10.01–10.08 ms)
+    ("default without fuse_qkv", DEFAULT | dict(fuse_qkv=False), 190),
+    # sub-pixel upsampling: a tie at batch 1 (10.24–10.26 vs 10.16–10.17 ms, session 15), +4.5% images/s at batch 8
+    ("default + subpixel_upsample", DEFAULT | SUB, 190),
     ("default + subpixel_upsample + inductor_tuning", DEFAULT | SUB | TUNING, 400),
     ("compile max-autotune-no-cudagraphs + cuda_graphs + channels_last + fuse_qkv + inductor_tuning",
      DEFAULT | dict(compile="max-autotune-no-cudagraphs") | FUSE | TUNING, 900),
 ]  # fmt: skip
 # Measured on the H100 (docs/performance.md) and slower than the default, or a tie: only with --all or --only.
 EXTRA_VARIANTS: list[tuple[str, dict, float]] = [
+    # With another cudnn_benchmark_limit than the default's: a process of their own each (--only NAME --focus NAME).
+    # H100, session 15: 9.88–9.98 ms at batch 1 in three processes, against 10.08 without the limit (the same machine)
+    ("default without cudnn_benchmark_limit=0 (a process of its own)",
+     DEFAULT | dict(cudnn_benchmark_limit=None), 150),
+    # the session-14 default: 10.11–10.29 ms at batch 1 (H100, six runs on three machines)
+    ("the default until 2026-11-27, session 14 (without shared_cross_kv, fuse_qkv, cudnn_benchmark_limit=0; a process "
+     "of its own)", DEFAULT | S14, 150),
+    ("default without channel_stats_norm, wide_head_attention (the default until 2026-11-26)",
+     DEFAULT | S14 | dict(channel_stats_norm=False, wide_head_attention=False), 150),
+    ("default + inductor_tuning", DEFAULT | TUNING, 400),
+    ("the default of session 13 (also without constant_time_embedding)", DEFAULT | S14 | NO_CONST_T, 150),
     ("eager + channels_last", EAGER | dict(channels_last=True), 15),
     ("eager + cuda_graphs", EAGER | dict(cuda_graphs=True), 15),
     ("eager + cuda_graphs + channels_last", EAGER | dict(cuda_graphs=True, channels_last=True), 15),
@@ -208,7 +217,13 @@ def restore(unet, vae) -> None:
     for m in (unet, vae):
         fused = any(type(p).__name__ == "FusedAttnProcessor2_0" for p in m.attn_processors.values())
         if fused and getattr(m, "original_attn_processors", None):
-            m.unfuse_qkv_projections()
+            m.unfuse_qkv_projections()  # the processors only: the fused Linears stay, unused, until removed below
+        for a in m.modules():
+            if isinstance(a, Attention) and getattr(a, "fused_projections", False):
+                for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                    if hasattr(a, name):
+                        delattr(a, name)
+                a.fused_projections = False
         disable_subpixel_upsample(m)
         disable_channel_stats_group_norm(m)
         disable_wide_head_matmul_attention(m)
@@ -375,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     selected = variants(args.all, args.only, args.focus, args.skip)
     results: list[dict] = []
     report = {"env": env, "flops": flops, "results": results, "command": " ".join(sys.argv)}
+    if note := cudnn_limit_note(selected):
+        report["notes"] = [note]
+        print(f"note: {note}", flush=True)
 
     def save() -> None:
         add_speedups(results)
@@ -443,6 +461,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cudnn_limit_note(selected: list[Variant]) -> str | None:
+    """A warning for the report when variants that share convolution shapes (the same memory format) run with
+    different ``cudnn_benchmark_limit`` in one process: cuDNN reuses the first variant's choice for the later ones."""
+    by_format: dict[bool, dict] = {}
+    for v in selected:
+        by_format.setdefault(v.options.channels_last, {}).setdefault(v.options.cudnn_benchmark_limit, v.name)
+    mixed = [names for names in by_format.values() if len(names) > 1]
+    if not mixed:
+        return None
+    firsts = "; ".join(", ".join(f"limit {k}: {n!r}" for k, n in names.items()) for names in mixed)
+    return (f"variants with different cudnn_benchmark_limit share convolution shapes in this process ({firsts}); "
+            "cuDNN keeps the first choice per shape, so the later ones reuse it: compare them in separate processes")
+
+
 def add_speedups(results: list[dict]) -> None:
     base = next((r["batches"] for r in results if r["name"].startswith("eager (")), {})
     for row in results:
@@ -471,6 +503,7 @@ def to_markdown(report: dict) -> str:
                 f"| {r['images_per_s']:.1f} | {r.get('speedup_vs_eager', 0):.2f} "
                 f"| {r['first_call_s']:.1f} | {r['rel_err_vs_eager']:.1e}{'' if r['finite'] else ' (non-finite!)'} |"
             )
+    lines += [f"\n**Note:** {n}" for n in report.get("notes", [])]
     lines += split_markdown(report) + profile_markdown(report)
     return "\n".join(lines) + "\n"
 

@@ -29,9 +29,8 @@ def test_infer_one_step_tiny(tmp_path):
     rows = {r["name"]: r for r in report["results"]}
     assert rows, "no variant ran"
     assert "error" not in rows["default + subpixel_upsample"]
-    assert "error" not in next(row for name, row in rows.items() if "the default until 2026-11-27" in name)
-    assert "error" not in rows["default + shared_cross_kv"]
-    assert "error" not in next(row for name, row in rows.items() if "the default until 2026-11-26" in name)
+    assert "error" not in rows["default without fuse_qkv"]
+    assert "notes" not in report  # the default list runs one cudnn_benchmark_limit
     baseline = report["results"][0]
     assert baseline["name"].startswith("eager")
     for b in ("1", "8"):
@@ -342,11 +341,33 @@ def test_infer_bench_restore_gives_every_variant_the_stock_modules():
 
     unet, vae = tiny_models()
     stock = {n: type(m) for n, m in (*unet.named_modules(), *vae.named_modules())}
-    options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False, fuse_qkv=False,
-                              subpixel_upsample=True, channel_stats_norm=True, wide_head_attention=True,
-                              pad_narrow_convs=True)  # fmt: skip
+    processors = {type(p) for p in (*unet.attn_processors.values(), *vae.attn_processors.values())}
+    options = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False,
+                              subpixel_upsample=True, pad_narrow_convs=True)  # fmt: skip
     OneStepRunner(unet, vae, options=options)
     assert {n: type(m) for n, m in (*unet.named_modules(), *vae.named_modules())} != stock
+    assert {type(p) for p in (*unet.attn_processors.values(), *vae.attn_processors.values())} != processors
+    import torch
+
+    torch.backends.cudnn.benchmark_limit = 3  # as a runner on CUDA sets it
     restore(unet, vae)
     assert {n: type(m) for n, m in (*unet.named_modules(), *vae.named_modules())} == stock
+    assert {type(p) for p in (*unet.attn_processors.values(), *vae.attn_processors.values())} == processors
+    assert torch.backends.cudnn.benchmark_limit != 3
     assert not any(name.startswith("_padded") for name, _ in (*unet.named_buffers(), *vae.named_buffers()))
+
+
+def test_infer_bench_eager_baseline_switches_off_every_option_that_changes_what_runs():
+    """New fast-path options default on: the baseline must name each one, or plain diffusers stops being plain."""
+    from dataclasses import fields
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from crossdistill.export.fast import FastPathOptions
+    from infer_one_step import EAGER
+
+    options = FastPathOptions(**EAGER)
+    kept = {"dtype", "cudnn_benchmark", "inductor_tuning", "inductor_config", "decode_inductor_config"}
+    changed = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in kept}
+    assert changed["compile"] is None and changed["cudnn_benchmark_limit"] is None
+    assert not any(v for k, v in changed.items() if k not in ("compile", "cudnn_benchmark_limit")), changed
+    assert not options.inductor_tuning and not options.inductor_config and not options.decode_inductor_config

@@ -12,7 +12,9 @@ from crossdistill.errors import ConfigError
 from crossdistill.export.fast import FastPathOptions, OneStepRunner, inductor_options, scaled_linear_alpha_bar
 
 CPU_FP32 = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False)
-CPU_FUSED = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False, fuse_qkv=True)
+# fuse_qkv alone: every attention fused, the cross-attentions' keys and values too
+CPU_FUSED = FastPathOptions(dtype="float32", channels_last=False, compile=None, cuda_graphs=False, fuse_qkv=True,
+                            shared_cross_kv=False)  # fmt: skip
 
 
 def tiny_models(seed: int = 0, **unet_config) -> tuple[UNet2DConditionModel, AutoencoderKL]:
@@ -79,13 +81,14 @@ def test_runner_equals_eager_diffusers(prediction_type, channels_last):
 def test_cuda_only_options_warn_and_are_ignored_on_cpu():
     unet, vae = tiny_models()
     embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
     options = FastPathOptions(dtype="float32", channels_last=False, compile="default", cuda_graphs=True,
                               cudnn_benchmark_limit=0)  # fmt: skip
     limit = torch.backends.cudnn.benchmark_limit
-    with pytest.warns(UserWarning, match="compile, cuda_graphs, cudnn_benchmark_limit ignored"):
+    with pytest.warns(UserWarning, match=r"compile, cuda_graphs ignored \(CUDA only\)$"):
         runner = OneStepRunner(unet, vae, options=options)
-    assert torch.backends.cudnn.benchmark_limit == limit  # the global setting is left alone off CUDA
-    expected = reference_images(unet, vae, embeds, noise, "epsilon")
+    # cuDNN's settings are left alone off CUDA, without a warning (the default limit is set; it means nothing there)
+    assert torch.backends.cudnn.benchmark_limit == limit
     assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5
 
 
@@ -112,7 +115,7 @@ def test_fuse_qkv_gives_the_same_images(channels_last):
     embeds, noise = torch.randn(2, 5, 16), torch.randn(2, 4, 8, 8)
     expected = reference_images(unet, vae, embeds, noise, "epsilon")
     options = FastPathOptions(dtype="float32", channels_last=channels_last, compile=None, cuda_graphs=False,
-                              fuse_qkv=True)  # fmt: skip
+                              fuse_qkv=True, shared_cross_kv=False)  # fmt: skip
     runner = OneStepRunner(unet, vae, options=options)
     # The fused processors are really in use (self-attention q/k/v and cross-attention k/v are one Linear each).
     for module in (unet, vae):
@@ -139,16 +142,44 @@ def test_fuse_qkv_really_uses_the_fused_weights():
     assert (runner(embeds, noise) - before).abs().max().item() > 1e-4
 
 
-def test_fuse_qkv_refuses_modules_it_would_change():
+def test_fuse_qkv_leaves_modules_it_would_change_alone():
+    """Custom processors would be replaced, and a module without diffusers' fusion API cannot be fused: a warning that
+    names the reason, the module as it was, and still diffusers' images."""
     from diffusers.models.attention_processor import SlicedAttnProcessor
 
     unet, vae = tiny_models()
     unet.set_attn_processor(SlicedAttnProcessor(slice_size=1))
-    with pytest.raises(ConfigError, match="SlicedAttnProcessor"):
-        OneStepRunner(unet, vae, options=CPU_FUSED)
+    embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
+    with pytest.warns(UserWarning, match="fuse_qkv ignored for the UNet2DConditionModel: .*SlicedAttnProcessor"):
+        runner = OneStepRunner(unet, vae, options=CPU_FUSED)
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"SlicedAttnProcessor"}
+    assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5
     _, vae = tiny_models()
-    with pytest.raises(ConfigError, match="no diffusers fuse_qkv_projections"):
+    with pytest.warns(UserWarning, match="fuse_qkv ignored for the Conv2d: it has no diffusers fuse_qkv_projections"):
         OneStepRunner(torch.nn.Conv2d(4, 4, 1), vae, options=CPU_FUSED)
+
+
+def test_default_options_keep_a_peft_lora_on_the_attention_projections():
+    """A peft LoRA wraps to_q/to_k/to_v: fusing or sharing their base weights would drop the LoRA's delta, so the
+    default options leave those projections alone, with warnings, and the images are the LoRA model's."""
+    from peft import LoraConfig
+
+    unet, vae = tiny_models()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]))
+    embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
+    unet.disable_adapters()
+    assert (reference_images(unet, vae, embeds, noise, "epsilon") - expected).abs().max().item() > 1e-3
+    unet.enable_adapters()
+    with pytest.warns(UserWarning) as caught:
+        runner = OneStepRunner(unet, vae, options=CPU_FP32)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "fuse_qkv ignored for the UNet2DConditionModel: its q/k/v projections are ['peft." in messages
+    assert "shared_cross_kv ignored" in messages
+    assert runner._cross_kv is None and not any(hasattr(m, "to_qkv") for m in unet.modules())
+    assert any(hasattr(m, "to_qkv") for m in vae.modules())  # the VAE has no LoRA: fused
+    assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5
 
 
 def test_inductor_tuning_needs_compile_and_names_real_inductor_options():
@@ -171,10 +202,10 @@ def test_inductor_tuning_is_ignored_with_a_warning_on_cpu():
     embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
     options = FastPathOptions(dtype="float32", channels_last=False, compile="default", cuda_graphs=False,
                               inductor_tuning=True)  # fmt: skip
+    expected = reference_images(unet, vae, embeds, noise, "epsilon")
     with pytest.warns(UserWarning, match="compile, inductor_tuning ignored"):
         runner = OneStepRunner(unet, vae, options=options)
     assert runner._step == runner._eager_step  # nothing compiled on CPU
-    expected = reference_images(unet, vae, embeds, noise, "epsilon")
     assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5
 
 
@@ -188,8 +219,10 @@ def test_constant_time_embedding_gives_the_same_images(timestep):
     keys = set(unet.state_dict())
     embeds, noise = torch.randn(2, 5, 16), torch.randn(2, 4, 8, 8)
     expected = reference_images(unet, vae, embeds, noise, "epsilon", timestep=timestep)
+    # without the other options that switch the UNet: fused Linears add state-dict keys, and the shared keys/values
+    # would refuse the raw UNet calls below
     options = FastPathOptions(dtype="float32", channels_last=True, compile=None, cuda_graphs=False,
-                              constant_time_embedding=True)  # fmt: skip
+                              constant_time_embedding=True, fuse_qkv=False, shared_cross_kv=False)  # fmt: skip
     runner = OneStepRunner(unet, vae, options=options, timestep=timestep)
     resnets = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
     assert len(resnets) == 8 and all(type(r.time_emb_proj) is ConstantTimeProjection for r in resnets)
@@ -274,7 +307,8 @@ def test_shared_cross_kv_gives_the_same_images():
 
 def test_shared_cross_kv_makes_one_projection_of_the_prompt_in_the_compiled_graph():
     """The 4 cross-attentions' 8 key and value projections become one linear op in the graph torch.compile gets."""
-    off, on = (linear_ops_in_compiled_step(constant_time_embedding=False, shared_cross_kv=s) for s in (False, True))
+    off, on = (linear_ops_in_compiled_step(constant_time_embedding=False, fuse_qkv=False, shared_cross_kv=s)
+               for s in (False, True))  # fmt: skip
     assert off - on == 7, (off, on)
 
 

@@ -140,7 +140,7 @@ def test_fuse_qkv_with_wide_heads_fuses_the_unet_and_keeps_the_vae_wide_path():
     vae = wide_vae()
     embeds, noise = torch.randn(1, 5, 16), torch.randn(1, 4, 8, 8)
     expected = reference_images(unet, vae, embeds, noise, "epsilon")
-    runner = OneStepRunner(unet, vae, options=FastPathOptions(**CPU, fuse_qkv=True))
+    runner = OneStepRunner(unet, vae, options=FastPathOptions(**CPU, fuse_qkv=True, shared_cross_kv=False))
     assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
     assert {type(p) for p in vae.attn_processors.values()} == {WideHeadMatmulAttnProcessor}
     assert (runner(embeds, noise) - expected).abs().max().item() < 1e-5

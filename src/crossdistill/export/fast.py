@@ -11,18 +11,22 @@ memory. The options below remove those costs one at a time (docs/performance.md 
   call costs one launch instead of thousands (the step has no data-dependent control flow, so this is exact);
 - ``cudnn_benchmark`` / ``cudnn_benchmark_limit``: cuDNN times its candidate algorithms for each convolution shape
   at the first call and keeps the fastest; the limit (a global torch setting, ``torch.backends.cudnn.benchmark_limit``)
-  is how many candidates it times, torch's default 10, ``0`` every one it has. cuDNN keeps its choice for a shape for
-  the life of the process, so a limit set after a shape was first run does not change that shape's choice;
+  is how many candidates it times: torch's default 10, the runner's default ``0`` every one it has (the first call
+  takes ~25 s longer; H100, batch 1, with ``shared_cross_kv`` and ``fuse_qkv``: 9.88–9.98 ms against 10.08 ms with
+  torch's 10). cuDNN keeps its choice for a shape for the life of the process, so a limit set after a shape was
+  first run does not change that shape's choice. ``None`` leaves torch's setting as it is; off CUDA it means nothing;
 - ``channels_last``: NHWC weights and activations, the layout cuDNN's tensor-core convolutions want;
 - ``dtype``: bf16 or fp16 weights; the x0 formula itself always runs in float32 (it divides by sqrt(ᾱ) ≈ 0.07
   at t = 999, which would amplify half-precision rounding of the UNet's output ~15×);
 - ``fuse_qkv``: diffusers' ``fuse_qkv_projections()`` on the UNet and the VAE: each self-attention's q, k, v
   projections become one Linear (cross-attention: k and v), run by ``FusedAttnProcessor2_0``, so three small
-  GEMMs become one larger one. Same arithmetic, same result up to GEMM rounding. It needs the modules to use the
-  stock SDPA processors (``AttnProcessor2_0``/``AttnProcessor``; anything else, e.g. a LoRA or IP-Adapter
-  processor, would be silently replaced, so it is a ``ConfigError``). The runner fuses the modules it was given
-  in place (the unfused to_q/to_k/to_v stay as attributes; ``unfuse_qkv_projections()`` restores the old
-  processors). Works on CPU too;
+  GEMMs become one larger one. Same arithmetic, same result up to GEMM rounding. A module is fused only when that
+  changes nothing: stock SDPA processors (``AttnProcessor2_0``/``AttnProcessor``; an IP-Adapter or other custom
+  processor would be replaced) and plain ``nn.Linear`` projections (a peft LoRA's delta would be dropped); any other
+  module is left as it is, with a warning that says why. The runner fuses the modules it was given in place (the
+  unfused to_q/to_k/to_v stay as attributes, and the fused Linears add ``to_qkv``/``to_kv`` entries to their state
+  dicts; ``unfuse_qkv_projections()`` restores the old processors). On by default: on top of ``shared_cross_kv`` a
+  tie on the H100 (9.94–10.08 vs 10.01–10.08 ms), kept because the sub-10 ms runs had it. Works on CPU too;
 - ``inductor_tuning``: the inductor settings of diffusers' SDXL ``torch.compile`` guide (:data:`INDUCTOR_TUNING`:
   1×1 convs lowered as matmuls, coordinate-descent tuning of every Triton kernel's block sizes over all
   directions, epilogue fusion off). They are passed as this runner's ``torch.compile(options=...)`` on top of
@@ -62,9 +66,11 @@ memory. The options below remove those costs one at a time (docs/performance.md 
   inputs (SDXL's added embedding, class labels) is left as it is, with a warning. Works on CPU too;
 - ``shared_cross_kv``: the keys and values of every cross-attention (SD 1.5: 16 blocks, 32 small GEMMs over the same
   77 prompt tokens) come from one GEMM against their concatenated weights, each block reading its slices
-  (:mod:`crossdistill.models.cross_kv`); the same function up to rounding. With ``fuse_qkv`` too, only the
-  self-attentions are fused (:func:`fuse_self_attention_qkv`). A UNet whose prompt embeddings reach anything but stock
-  cross-attentions is left as it is, with a warning. Works on CPU too.
+  (:mod:`crossdistill.models.cross_kv`); the same function up to rounding (H100, batch 1: 10.11–10.29 → 10.01–10.08
+  ms, five runs on three machines). With ``fuse_qkv`` too, only the self-attentions are fused
+  (:func:`fuse_self_attention_qkv`). A UNet whose prompt embeddings reach anything but stock cross-attentions (or
+  whose key/value projections a peft LoRA wraps) is left as it is, with a warning. A switched UNet refuses raw prompt
+  embeddings: call it through the runner. Works on CPU too.
 
 On a CPU only ``dtype``, ``channels_last``, ``fuse_qkv``, ``subpixel_upsample``, ``channel_stats_norm``,
 ``wide_head_attention``, ``pad_narrow_convs``, ``constant_time_embedding`` and ``shared_cross_kv`` apply; the result
@@ -130,15 +136,15 @@ class FastPathOptions:
     compile: str | None = "default"  # torch.compile mode of the whole step (COMPILE_MODES), or None for eager; CUDA
     cuda_graphs: bool = True  # capture one CUDA graph per input shape and replay it; CUDA only
     cudnn_benchmark: bool = True  # let cuDNN time its conv algorithms once per shape (sets a global torch flag)
-    cudnn_benchmark_limit: int | None = None  # algorithms cuDNN times per shape (global; None: torch's 10; 0: all)
-    fuse_qkv: bool = False  # fused q/k/v (cross-attention: k/v) projections in the UNet and VAE attentions
+    cudnn_benchmark_limit: int | None = 0  # algorithms cuDNN times per shape (global; 0: all; None: torch's 10)
+    fuse_qkv: bool = True  # fused q/k/v (cross-attention: k/v) projections in the UNet and VAE attentions
     inductor_tuning: bool = False  # INDUCTOR_TUNING for this runner's compilations; needs compile; CUDA only
     subpixel_upsample: bool = False  # nearest x2 + 3x3 conv in exact sub-pixel form (models/subpixel.py)
     channel_stats_norm: bool = True  # GroupNorm statistics per channel, then per group (models/groupnorm.py)
     wide_head_attention: bool = True  # heads wider than 256 as matmuls, not the mem-efficient kernel (wide_attention)
     pad_narrow_convs: bool = False  # convs with 3/4 channels run padded to 8 channels, exactly (models/narrow_conv.py)
     constant_time_embedding: bool = True  # time_emb_proj outputs recorded at the timestep (models/constant_time.py)
-    shared_cross_kv: bool = False  # every cross-attention's keys/values from one GEMM (models/cross_kv.py)
+    shared_cross_kv: bool = True  # every cross-attention's keys/values from one GEMM (models/cross_kv.py)
     inductor_config: dict = field(default_factory=dict)  # extra torch._inductor.config settings for the compile
     decode_inductor_config: dict = field(default_factory=dict)  # more settings for the decode only (its own graph)
 
@@ -190,51 +196,60 @@ def inductor_options(mode: str, tuning: bool, extra: dict | None = None) -> dict
 STOCK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
 
-def fuse_qkv_projections(module: nn.Module) -> None:
-    """diffusers' ``fuse_qkv_projections()`` on ``module``, refusing modules whose attention processors it would drop.
+def _fusion_blocker(module: nn.Module, attentions: list[nn.Module], kinds: set[str]) -> str | None:
+    """Why fusing ``attentions`` of ``module`` would change the model, or None: a processor other than the stock
+    ones (a LoRA or IP-Adapter processor would be replaced), or a projection that is not a plain ``nn.Linear`` (a peft
+    LoRA wrapper's delta would be dropped: the fused weight is concatenated from the base weights)."""
+    if not kinds <= set(STOCK_PROCESSORS):
+        return (f"it uses attention processors {sorted(kinds)}, which fusing would replace with FusedAttnProcessor2_0 "
+                f"(only {' / '.join(STOCK_PROCESSORS)} are fused)")  # fmt: skip
+    projections = [p for a in attentions for p in (a.to_q, a.to_k, a.to_v)]
+    wrapped = sorted({f"{type(p).__module__}.{type(p).__qualname__}" for p in projections if type(p) is not nn.Linear})
+    if wrapped:
+        return f"its q/k/v projections are {wrapped}, not plain Linear layers (fusing would drop what they add)"
+    return None
 
-    A no-op for a module whose processors are all fused already (a second runner on the same modules).
-    """
-    name = type(module).__name__
+
+def fuse_qkv_projections(module: nn.Module) -> str | None:
+    """diffusers' ``fuse_qkv_projections()`` on ``module``; returns None when fused (or fused already: a second
+    runner on the same modules), else why the module was left as it is (:func:`_fusion_blocker`, or no diffusers
+    fusion API)."""
+    from diffusers.models.attention_processor import Attention
+
     if not hasattr(module, "fuse_qkv_projections") or not hasattr(module, "attn_processors"):
-        raise ConfigError(f"fuse_qkv: {name} has no diffusers fuse_qkv_projections()")
+        return "it has no diffusers fuse_qkv_projections()"
     kinds = {type(p).__name__ for p in module.attn_processors.values()}
     if kinds <= {"FusedAttnProcessor2_0"}:
-        return
+        return None
     if "FusedAttnProcessor2_0" in kinds and getattr(module, "original_attn_processors", None):
         module.unfuse_qkv_projections()  # an earlier runner fused the self-attentions only: start from the originals
         kinds = {type(p).__name__ for p in module.attn_processors.values()}
-    if not kinds <= set(STOCK_PROCESSORS):
-        raise ConfigError(
-            f"fuse_qkv: {name} uses attention processors {sorted(kinds)}; fusing would replace them with "
-            f"FusedAttnProcessor2_0 (only {' / '.join(STOCK_PROCESSORS)} can be fused without changing the model)"
-        )
-    module.fuse_qkv_projections()
+    blocker = _fusion_blocker(module, [m for m in module.modules() if isinstance(m, Attention)], kinds)
+    if blocker is None:
+        module.fuse_qkv_projections()
+    return blocker
 
 
-def fuse_self_attention_qkv(module: nn.Module) -> int:
+def fuse_self_attention_qkv(module: nn.Module) -> str | None:
     """Fuse q, k and v of ``module``'s self-attentions only (one ``to_qkv`` Linear each, run by
     ``FusedAttnProcessor2_0``), leaving its cross-attentions as they are: what ``fuse_qkv`` does beside
-    ``shared_cross_kv``, whose one GEMM already gives every cross-attention its keys and values. Returns how many were
-    fused. Like diffusers' ``fuse_qkv_projections()`` it keeps the processors it replaces in
-    ``original_attn_processors``, so ``unfuse_qkv_projections()`` restores them; a module whose self-attentions are
-    fused already is left alone. The same stock-processor check as :func:`fuse_qkv_projections`."""
+    ``shared_cross_kv``, whose one GEMM already gives every cross-attention its keys and values. Like diffusers'
+    ``fuse_qkv_projections()`` it keeps the processors it replaces in ``original_attn_processors``, so
+    ``unfuse_qkv_projections()`` restores them; a module whose self-attentions are fused already is left alone.
+    Returns None or why nothing was fused, as :func:`fuse_qkv_projections`."""
     from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 
     selfs = [m for m in module.modules() if isinstance(m, Attention) and not m.is_cross_attention]
     kinds = {type(m.processor).__name__ for m in selfs}
     if not selfs or kinds <= {"FusedAttnProcessor2_0"}:
-        return 0
-    if not kinds <= set(STOCK_PROCESSORS):
-        raise ConfigError(
-            f"fuse_qkv: {type(module).__name__} uses attention processors {sorted(kinds)}; fusing would replace them "
-            f"with FusedAttnProcessor2_0 (only {' / '.join(STOCK_PROCESSORS)} can be fused without changing the model)"
-        )
-    module.original_attn_processors = module.attn_processors
-    for m in selfs:
-        m.fuse_projections(fuse=True)
-        m.set_processor(FusedAttnProcessor2_0())
-    return len(selfs)
+        return None
+    blocker = _fusion_blocker(module, selfs, kinds)
+    if blocker is None:
+        module.original_attn_processors = module.attn_processors
+        for m in selfs:
+            m.fuse_projections(fuse=True)
+            m.set_processor(FusedAttnProcessor2_0())
+    return blocker
 
 
 class OneStepRunner:
@@ -281,7 +296,6 @@ class OneStepRunner:
             ("inductor_tuning", self.options.inductor_tuning),
             ("inductor_config", bool(self.options.inductor_config)),
             ("decode_inductor_config", bool(self.options.decode_inductor_config)),
-            ("cudnn_benchmark_limit", self.options.cudnn_benchmark_limit is not None),
         )
         ignored = [name for name, on in cuda_only if on]
         if not on_cuda and ignored:
@@ -304,9 +318,11 @@ class OneStepRunner:
                 if has_wide_heads:  # a module with wide heads (the VAE) keeps its faster unfused matmul attention
                     continue
                 if m is self.unet and self.options.shared_cross_kv and shared_cross_kv_applies(m):
-                    fuse_self_attention_qkv(m)  # the cross-attentions' keys/values come from the shared GEMM
+                    blocker = fuse_self_attention_qkv(m)  # the cross-attentions' keys/values: the shared GEMM
                 else:
-                    fuse_qkv_projections(m)
+                    blocker = fuse_qkv_projections(m)
+                if blocker is not None:
+                    warnings.warn(f"fuse_qkv ignored for the {type(m).__name__}: {blocker}", stacklevel=2)
         for m in (self.unet, self.vae):  # after fusing: the new fused Linears are trainable when created
             m.eval().requires_grad_(False)
             if self.options.subpixel_upsample:
@@ -325,8 +341,8 @@ class OneStepRunner:
         self._cross_kv = enable_shared_cross_kv(self.unet) if self.options.shared_cross_kv else None
         if self.options.shared_cross_kv and self._cross_kv is None:
             warnings.warn("shared_cross_kv ignored: the prompt embeddings reach more than stock cross-attentions in "
-                          "this UNet (fused or custom processors, norm_cross or an encoder projection)",
-                          stacklevel=2)  # fmt: skip
+                          "this UNet (fused or custom processors, wrapped key/value projections such as a peft LoRA, "
+                          "norm_cross or an encoder projection)", stacklevel=2)  # fmt: skip
 
         self._compiled_graphs = compile_mode in ("reduce-overhead", "max-autotune")
         self._step: Callable[[Tensor, Tensor], Tensor] = self._eager_step

@@ -13,8 +13,9 @@ prompt embeddings (``encoder_hidden_states``): each block's keys and values are 
 
 A UNet qualifies when the prompt embeddings reach nothing but cross-attentions that use the stock SDPA processor
 without a norm on them (no ``encoder_hid_proj``, no text-based added embedding, no ``norm_cross``, no fused or
-custom processor); for any other :func:`enable_shared_cross_kv` changes nothing and returns ``None``. A switched UNet
-called with raw prompt embeddings fails with an error that says so.
+custom processor) and whose keys and values are plain ``nn.Linear`` layers (a peft LoRA wrapper's delta would be lost
+in the concatenated weight); for any other :func:`enable_shared_cross_kv` changes nothing and returns ``None``. A
+switched UNet called with raw prompt embeddings fails with an error that says so.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def _qualifies(unet: nn.Module, attentions: list[Attention]) -> bool:
             and a.group_norm is None
             and a.norm_q is None
             and a.norm_k is None
+            and type(a.to_k) is nn.Linear  # a peft LoRA wrapper's delta would be lost in the concatenated weight
+            and type(a.to_v) is nn.Linear
             and a.to_k.weight.shape == a.to_v.weight.shape
             for a in attentions
         )
