@@ -196,10 +196,11 @@ def inductor_options(mode: str, tuning: bool, extra: dict | None = None) -> dict
 STOCK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
 
-def _fusion_blocker(module: nn.Module, attentions: list[nn.Module], kinds: set[str]) -> str | None:
-    """Why fusing ``attentions`` of ``module`` would change the model, or None: a processor other than the stock
-    ones (a LoRA or IP-Adapter processor would be replaced), or a projection that is not a plain ``nn.Linear`` (a peft
-    LoRA wrapper's delta would be dropped: the fused weight is concatenated from the base weights)."""
+def _fusion_blocker(attentions: list[nn.Module]) -> str | None:
+    """Why fusing ``attentions`` would change the model, or None: a processor other than the stock ones (a LoRA or
+    IP-Adapter processor would be replaced), or a projection that is not a plain ``nn.Linear`` (a peft LoRA wrapper's
+    delta would be dropped: the fused weight is concatenated from the base weights)."""
+    kinds = {type(a.processor).__name__ for a in attentions}
     if not kinds <= set(STOCK_PROCESSORS):
         return (f"it uses attention processors {sorted(kinds)}, which fusing would replace with FusedAttnProcessor2_0 "
                 f"(only {' / '.join(STOCK_PROCESSORS)} are fused)")  # fmt: skip
@@ -223,8 +224,7 @@ def fuse_qkv_projections(module: nn.Module) -> str | None:
         return None
     if "FusedAttnProcessor2_0" in kinds and getattr(module, "original_attn_processors", None):
         module.unfuse_qkv_projections()  # an earlier runner fused the self-attentions only: start from the originals
-        kinds = {type(p).__name__ for p in module.attn_processors.values()}
-    blocker = _fusion_blocker(module, [m for m in module.modules() if isinstance(m, Attention)], kinds)
+    blocker = _fusion_blocker([m for m in module.modules() if isinstance(m, Attention)])
     if blocker is None:
         module.fuse_qkv_projections()
     return blocker
@@ -243,7 +243,7 @@ def fuse_self_attention_qkv(module: nn.Module) -> str | None:
     kinds = {type(m.processor).__name__ for m in selfs}
     if not selfs or kinds <= {"FusedAttnProcessor2_0"}:
         return None
-    blocker = _fusion_blocker(module, selfs, kinds)
+    blocker = _fusion_blocker(selfs)
     if blocker is None:
         module.original_attn_processors = module.attn_processors
         for m in selfs:
